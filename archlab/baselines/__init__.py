@@ -1,0 +1,1 @@
+"""archlab's own baseline plugins, registered through entry points exactly like third-party ones."""

@@ -1,0 +1,57 @@
+"""Attention slot ``mha``: causal multi-head self-attention with grouped KV heads.
+
+    q = x W_q,  k = x W_k,  v = x W_v          (W_k, W_v have n_kv_heads heads)
+    y = softmax(rotate(q) rotate(k)ᵀ / sqrt(k) + causal) v,   out = y W_o
+Vaswani et al. 2017 (arXiv 1706.03762); n_kv_heads < n_heads is GQA (Ainslie et al.
+2023, arXiv 2305.13245), n_kv_heads = 1 is MQA (Shazeer 2019, arXiv 1911.02150).
+Shapes: b batch, t tokens, d d_model, h heads, g kv heads, k head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from archlab.context import ForwardContext, ModelDims
+from archlab.errors import ConfigError
+
+
+class MultiHeadAttention(nn.Module):
+    @dataclass
+    class Config:
+        n_kv_heads: int | None = None  # None: one KV head per query head (plain MHA)
+        bias: bool = False
+
+        def validate(self, dims: ModelDims) -> None:
+            g = self.n_kv_heads
+            if g is not None and (g < 1 or dims.n_heads % g):
+                raise ConfigError("attention.n_kv_heads", g, f"a divisor of model.n_heads={dims.n_heads}")
+
+    def __init__(self, cfg: Config, dims: ModelDims, *, linear) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = dims.n_heads, dims.head_dim
+        self.n_kv_heads = cfg.n_kv_heads or dims.n_heads
+        width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = linear(dims.d_model, width, bias=cfg.bias, role="attention.qkv")
+        self.out = linear(dims.d_model, dims.d_model, bias=cfg.bias, role="attention.out")
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """x: (b, t, d) -> (b, t, d)"""
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((q_width, kv_width, kv_width), dim=-1)
+        q = rearrange(q, "b t (h k) -> b h t k", h=self.n_heads)
+        k = rearrange(k, "b t (g k) -> b g t k", g=self.n_kv_heads)
+        v = rearrange(v, "b t (g k) -> b g t k", g=self.n_kv_heads)
+        q, k = ctx.rotate(q, ctx.positions), ctx.rotate(k, ctx.positions)
+        y = ctx.attend(q, k, v)
+        return self.out(rearrange(y, "b h t k -> b t (h k)"))
+
+    def kv_cache_elems_per_token(self) -> int:
+        """K and V for every KV head: 2 · n_kv_heads · head_dim."""
+        return 2 * self.n_kv_heads * self.head_dim
+
+    def attention_flops_per_token(self, context: int) -> int:
+        """Forward FLOPs of q kᵀ and (softmax) v per token at full context: 2 · 2 · t · h · k."""
+        return 4 * context * self.n_heads * self.head_dim

@@ -1,0 +1,31 @@
+"""Head slot ``lm``: next-token logits = h Eᵀ (tied to the embedding; Press & Wolf 2017,
+arXiv 1608.05859) or h W_outᵀ with a separate matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archlab.context import ForwardContext, ModelDims
+
+
+class LMHead(nn.Module):
+    @dataclass
+    class Config:
+        tied: bool = True
+
+    def __init__(self, cfg: Config, dims: ModelDims, *, embedding: nn.Embedding, linear) -> None:
+        super().__init__()
+        self.tied = cfg.tied
+        # NOTE: kept in a tuple so the tied weight is not registered (and counted) twice.
+        self._embedding = (embedding,)
+        if not self.tied:
+            self.proj = linear(dims.d_model, dims.vocab_size, bias=False, role="head")
+
+    def forward(self, h: Tensor, ctx: ForwardContext) -> Tensor:
+        """h: (b, t, d) -> logits (b, t, vocab)"""
+        if self.tied:
+            return F.linear(h, self._embedding[0].weight)
+        return self.proj(h)

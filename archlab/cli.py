@@ -1,0 +1,138 @@
+"""The ``archlab`` command: ``train`` (a Hydra app; ``-m`` for multirun) and ``plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from archlab import __version__, registry
+from archlab.errors import ArchlabError
+
+log = logging.getLogger("archlab")
+
+USAGE = """usage: archlab COMMAND [ARGS]
+
+commands:
+  train [OVERRIDES]   train a student; Hydra overrides, e.g. attention=mha ffn=relu2
+                      trainer.max_steps=20; -m for a multirun sweep; --help for the config
+  plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
+"""
+
+
+def run_info(cfg: DictConfig):
+    """Run dir, W&B name, group and tags from the Hydra job."""
+    from archlab.loggers import RunInfo
+
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    tags = [f"{slot}={choices[slot]}" for slot in registry.SLOTS if slot in choices]
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hc.sweep.dir)
+        group = f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    return RunInfo(
+        run_dir=Path(hc.runtime.output_dir), name=hc.job.override_dirname or "default", group=group, tags=tags
+    )
+
+
+def train_job(cfg: DictConfig) -> float:
+    """One Hydra job: validate everything, train, print where the results are; returns val bpb."""
+    from archlab.config import validate
+    from archlab.trainer import Trainer
+
+    try:
+        validate(cfg)
+        info = run_info(cfg)
+        summary = Trainer(cfg, info).run()
+    except ArchlabError as exc:
+        print(f"archlab: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(
+        f"\nval bpb {summary['val/bpb']:.4f} after {summary['train/steps']} steps "
+        f"({summary['tokens_per_s']:,.0f} tokens/s)"
+    )
+    print(
+        f"results in {info.run_dir}: summary.json, metrics.jsonl, checkpoints/"
+        + (", wandb/" if cfg.logger.backend.name == "wandb" else "")
+    )
+    return float(summary["val/bpb"])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _train_app(cfg: DictConfig) -> float:
+    return train_job(cfg)
+
+
+def train(args: list[str]) -> None:
+    from archlab.config import register_configs
+
+    register_configs()
+    sys.argv = ["archlab train", *args]
+    _train_app()
+
+
+def _fields(plugin: type) -> str:
+    parts = []
+    for f in dataclasses.fields(plugin.Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parts.append(f"{f.name}={getattr(default, 'value', default)!r}")
+    return ", ".join(parts) or "(no fields)"
+
+
+def plugins(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="archlab plugins", description="List the installed plugins of every slot."
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if any plugin is broken")
+    opts = parser.parse_args(args)
+    broken = 0
+    for slot in registry.SLOTS:
+        found = registry.plugins(slot)
+        print(f"{slot}:" + ("" if found else " (none installed)"))
+        for name, plugin in sorted(found.items()):
+            error = plugin.error
+            status = "ok" if error is None else f"BROKEN: {error}"
+            broken += error is not None
+            print(f"  {name:<12} {plugin.distribution:<24} {status}")
+            if error is None:
+                print(f"  {'':<12} {_fields(plugin.load())}")
+    for path in registry.preset_paths():
+        print(f"presets: {path}")
+    if opts.check and broken:
+        print(f"{broken} broken plugin(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            train(rest)
+            return 0
+        if command == "plugins":
+            return plugins(rest)
+        if command == "--version":
+            print(f"archlab {__version__}")
+            return 0
+    except ArchlabError as exc:
+        print(f"archlab: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"archlab: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

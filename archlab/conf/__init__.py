@@ -1,0 +1,1 @@
+"""Hydra configs of archlab (a package so Hydra finds them as resources from any directory)."""

@@ -1,0 +1,139 @@
+"""Typed config schemas, and every installed plugin turned into a Hydra config-group option.
+
+For each plugin of each slot, ``register_configs`` stores a structured config in
+Hydra's ConfigStore under ``<slot>/<name>``: the plugin's ``Config`` dataclass plus a
+``plugin`` field naming it. So ``attention=mha attention.n_kv_heads=2`` selects the
+plugin and Hydra type-checks the override, with no YAML written by the author.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from archlab import registry
+from archlab.errors import ConfigError
+from archlab.kernels import check_backend
+from archlab.model import slot_choices
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    context: int = 256
+    vocab_size: int = 256
+    attention_backend: str = "auto"  # auto | xformers | sdpa | eager (see archlab.kernels)
+    linear_overrides: dict[str, str] = field(default_factory=dict)  # role prefix -> linear plugin
+
+
+class Schedule(Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio · lr
+    wsd = "wsd"  # warmup, stable, linear decay over the last decay_fraction of steps
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # bf16 autocast for matmuls; weights and optimizer state stay fp32
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.1  # linear warmup over this fraction of max_steps
+    schedule: Schedule = Schedule.cosine
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Precision = Precision.fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 100
+    eval_tokens: int = 131072
+    log_every: int = 10
+    ckpt_every: int = 100
+    resume: str | None = None  # null | auto (this run dir) | a run dir or checkpoint dir
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_tokens",
+            "log_every",
+            "ckpt_every",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}", getattr(self, key), "a positive integer")
+        if self.lr <= 0:
+            raise ConfigError("trainer.lr", self.lr, "a positive learning rate")
+        for key in ("warmup_fraction", "min_lr_ratio", "decay_fraction", "beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"trainer.{key}", getattr(self, key), "a number in [0, 1]")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            key = "weight_decay" if self.weight_decay < 0 else "grad_clip"
+            raise ConfigError(f"trainer.{key}", getattr(self, key), "a number >= 0 (0 = off)")
+
+
+@dataclass
+class DataConfig:
+    val_fraction: float = 0.02
+    max_bytes: int | None = None  # read at most this many bytes of the corpus (null: all)
+    cache_dir: str = "${oc.env:ARCHLAB_CACHE,'~/.cache/archlab'}"
+
+
+class LoggerBackend(Enum):
+    wandb = "wandb"
+    none = "none"  # only the jsonl metrics file and summary.json
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.wandb
+    project: str = "archlab"
+    entity: str | None = None
+    mode: str = "${oc.env:WANDB_MODE,offline}"  # offline runs sync later with `wandb sync`
+    group: str | None = None  # null: the multirun sweep dir name, or none for single runs
+    name: str | None = None  # null: derived from the Hydra job's overrides
+    tags: list[str] = field(default_factory=list)
+
+
+def node_class(slot: str, name: str, plugin: type) -> type:
+    """The plugin's Config dataclass extended with ``plugin: str = name``."""
+    return dataclasses.make_dataclass(
+        f"{slot}_{name}_node", [("plugin", str, field(default=name))], bases=(plugin.Config,)
+    )
+
+
+def register_configs() -> None:
+    """Store the schemas and every loadable plugin's config in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="_schema", node=ModelConfig, provider="archlab")
+    cs.store(group="trainer", name="_schema", node=TrainerConfig, provider="archlab")
+    cs.store(group="data", name="default", node=DataConfig, provider="archlab")
+    cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
+    cs.store(group="logger", name="none", node=LoggerConfig(backend=LoggerBackend.none), provider="archlab")
+    for slot in registry.SLOTS:
+        for name, plugin in registry.loadable(slot).items():
+            provider = registry.plugins(slot)[name].distribution
+            cs.store(group=slot, name=name, node=node_class(slot, name, plugin), provider=provider)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that can fail before training: shapes, plugin configs, trainer values."""
+    slot_choices(cfg)
+    check_backend(cfg.model.attention_backend)
+    OmegaConf.to_object(cfg.trainer).validate()

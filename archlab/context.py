@@ -1,0 +1,77 @@
+"""What every sublayer receives besides its input: dimensions at build time, a context per forward."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from archlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The student's shape, shared by every plugin of one model."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    context: int
+    vocab_size: int = 256
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "context", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")
+        if self.d_model % self.n_heads:
+            raise ConfigError("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model}")
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward state handed to every sublayer.
+
+    ``rotate`` applies the position plugin to queries/keys at ``positions``;
+    ``attend`` is the attention kernel chosen for this run (see ``archlab.kernels``).
+    Sublayers report auxiliary losses with ``add_loss(name, value, weight)``: the
+    trainer adds ``weight * value`` to the objective and logs each name. Metrics
+    reported with ``add_metric`` are averaged over the sublayers that report them.
+    """
+
+    positions: Tensor
+    rotate: Callable[[Tensor, Tensor], Tensor]
+    attend: Callable[[Tensor, Tensor, Tensor], Tensor]
+    losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
+    _metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add_loss(self, name: str, value: Tensor, weight: float = 1.0) -> None:
+        if name in self.losses:
+            prev, prev_weight = self.losses[name]
+            if prev_weight != weight:
+                raise ValueError(f"aux loss {name!r} reported with weights {prev_weight} and {weight}")
+            value = prev + value
+        self.losses[name] = (value, weight)
+
+    def add_metric(self, name: str, value: float | Tensor) -> None:
+        self._metrics[name].append(float(value))
+
+    def total_aux_loss(self) -> Tensor | float:
+        return sum((weight * value for value, weight in self.losses.values()), 0.0)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        out = {f"aux/{k}": float(v.detach()) for k, (v, _) in self.losses.items()}
+        out.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+        return out
+
+
+def positions_for(tokens: Tensor) -> Tensor:
+    """Positions 0..t-1 of a (b, t) batch, on its device."""
+    return torch.arange(tokens.shape[1], device=tokens.device)

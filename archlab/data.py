@@ -1,0 +1,143 @@
+"""Corpus → byte tokens → deterministic document-level split → memory-mapped cache → batches.
+
+Tokens are bytes (vocab 256), so bits-per-byte stays comparable across architectures.
+Each document ends with a NUL byte (0) as end-of-document marker; corpora never
+contain NUL (binary files are skipped). A document goes to validation when the
+first 8 bytes of sha256(document id), read as a fraction of 2⁶⁴, fall below
+``val_fraction``: the split depends on the id alone, so it is stable when documents
+are added. The split is cached under ``cache_dir/corpus/<hash>/`` keyed by the
+hash of every document's id and content and the split settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from archlab.errors import ConfigError, CorpusError
+
+log = logging.getLogger(__name__)
+EOD = b"\x00"
+
+
+@dataclass
+class TokenSplit:
+    """Train and validation tokens (uint8 memory maps) and what they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    meta: dict
+
+    def report(self) -> str:
+        m = self.meta
+        return (
+            f"corpus: {m['source']}: {m['documents']} documents, "
+            f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens "
+            f"({m['val_documents']} val documents), cache {m['path']}"
+        )
+
+
+def _is_val(doc_id: str, val_fraction: float) -> bool:
+    digest = hashlib.sha256(doc_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def _atomic_write_dir(final: Path, files: dict[str, bytes]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished the same cache first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_split(corpus, *, val_fraction: float, max_bytes: int | None, cache_dir: str | Path) -> TokenSplit:
+    """Read ``corpus``, split it by document and cache the tokens; reuse the cache when it exists."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", val_fraction, "a fraction strictly between 0 and 1")
+    if max_bytes is not None and max_bytes < 1:
+        raise ConfigError("data.max_bytes", max_bytes, "a positive number of bytes or null")
+    key = hashlib.sha256(f"v1 {val_fraction} {max_bytes}".encode())
+    train, val, n_docs, n_val_docs, total = [], [], 0, 0, 0
+    for doc_id, data in corpus.documents():
+        if max_bytes is not None and total >= max_bytes:
+            break
+        key.update(doc_id.encode() + b"\x00" + hashlib.sha256(data).digest())
+        is_val = _is_val(doc_id, val_fraction)
+        (val if is_val else train).append(data + EOD)
+        n_docs, n_val_docs, total = n_docs + 1, n_val_docs + is_val, total + len(data) + 1
+    if n_docs == 0:
+        raise CorpusError(f"corpus {corpus.describe()} holds no text documents")
+    if not val or not train:
+        raise CorpusError(
+            f"corpus {corpus.describe()} has {n_docs} documents, too few for a "
+            f"document-level split with data.val_fraction={val_fraction}: "
+            f"{len(train)} train / {len(val)} val; add documents or change data.val_fraction"
+        )
+    path = Path(cache_dir).expanduser() / "corpus" / key.hexdigest()[:20]
+    meta = {
+        "source": corpus.describe(),
+        "documents": n_docs,
+        "val_documents": n_val_docs,
+        "train_tokens": sum(map(len, train)),
+        "val_tokens": sum(map(len, val)),
+        "val_fraction": val_fraction,
+        "path": str(path),
+    }
+    if not (path / "meta.json").exists():
+        log.info("caching corpus tokens at %s", path)
+        _atomic_write_dir(
+            path,
+            {
+                "train.bin": b"".join(train),
+                "val.bin": b"".join(val),
+                "meta.json": json.dumps(meta, indent=1).encode(),
+            },
+        )
+    return TokenSplit(
+        train=np.memmap(path / "train.bin", dtype=np.uint8, mode="r"),
+        val=np.memmap(path / "val.bin", dtype=np.uint8, mode="r"),
+        meta=meta,
+    )
+
+
+def train_batch(
+    tokens: np.ndarray, *, batch_size: int, context: int, seed: int, step: int, micro: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Random windows for one micro-batch; the same (seed, step, micro) always gives the same batch.
+
+    Drawing from the step number (not a running generator) is what makes resume exact.
+    """
+    n_starts = len(tokens) - context - 1
+    if n_starts < 1:
+        raise CorpusError(f"train split has {len(tokens)} tokens, fewer than model.context+1")
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0]))
+    starts = torch.randint(0, n_starts, (batch_size,), generator=gen).tolist()
+    windows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]))
+    windows = windows.long()
+    return windows[:, :-1], windows[:, 1:]
+
+
+def val_batches(tokens: np.ndarray, *, batch_size: int, context: int, max_tokens: int):
+    """The fixed validation set: consecutive non-overlapping windows from the start, in batches."""
+    n_windows = min((len(tokens) - 1) // context, max(1, max_tokens // context))
+    if n_windows < 1:
+        raise CorpusError(f"validation split has {len(tokens)} tokens, fewer than model.context+1")
+    for first in range(0, n_windows, batch_size):
+        idx = range(first, min(first + batch_size, n_windows))
+        windows = torch.from_numpy(
+            np.stack([tokens[i * context : i * context + context + 1] for i in idx])
+        ).long()
+        yield windows[:, :-1], windows[:, 1:]

@@ -1,0 +1,103 @@
+"""One entry point for causal attention: xformers on CUDA, PyTorch SDPA elsewhere, eager as reference.
+
+Inputs are ``q: (b, h, t, k)`` and ``k, v: (b, g, t, k)`` with ``g`` KV heads dividing
+``h`` (GQA; Ainslie et al. 2023, arXiv 2305.13245). The kernel is chosen once per
+run by ``select_kernel`` and logged; xformers is imported only on CUDA, so CPU
+runs never see its "can't load C++/CUDA extensions" warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from archlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "xformers", "sdpa", "eager")
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Reference: softmax(q kᵀ / sqrt(k) + causal mask) v, computed in float32."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # b h t t
+    t_q, t_k = q.shape[2], k.shape[2]
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """PyTorch's fused scaled-dot-product attention (any device)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """xformers memory-efficient attention; its layout is (b, t, [g, h/g,] k)."""
+    import xformers.ops as xops
+
+    g = k.shape[1]
+    q5 = rearrange(q, "b (g r) t k -> b t g r k", g=g)
+    k5 = rearrange(k, "b g t k -> b t g 1 k").expand_as(q5)
+    v5 = rearrange(v, "b g t k -> b t g 1 k").expand(*q5.shape[:-1], v.shape[-1])
+    y = xops.memory_efficient_attention(q5, k5, v5, attn_bias=xops.LowerTriangularMask())
+    return rearrange(y, "b t g r k -> b (g r) t k")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The attention function of a run, with why it was chosen."""
+
+    name: str
+    reason: str
+
+    @property
+    def fn(self):
+        return {"xformers": xformers_attention, "sdpa": sdpa_attention, "eager": eager_attention}[self.name]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.fn(q, k, v)
+
+
+def _xformers_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if xformers runs these inputs on ``device``, else why not."""
+    if device.type != "cuda":
+        return f"xformers has no kernels for device {device.type}"
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means: not usable here
+        return f"xformers does not import: {exc}"
+    probe = torch.zeros(1, 1, 2, head_dim, device=device, dtype=dtype)
+    try:
+        xformers_attention(probe, probe, probe)
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError when no operator fits
+        return f"xformers does not support these inputs: {str(exc).splitlines()[0]}"
+    return None
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError("model.attention_backend", backend, f"one of {', '.join(BACKENDS)}")
+
+
+def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    """Choose the attention kernel: ``auto`` prefers xformers where it works, else SDPA.
+
+    Asking for ``xformers`` where it cannot run is an error, not a silent switch of numerics.
+    """
+    check_backend(backend)
+    if backend in ("sdpa", "eager"):
+        return Kernel(backend, "requested")
+    problem = _xformers_problem(device, dtype, head_dim)
+    if problem is None:
+        return Kernel("xformers", "CUDA and supported inputs")
+    if backend == "xformers":
+        raise ConfigError("model.attention_backend", backend, f"auto, sdpa or eager ({problem})")
+    return Kernel("sdpa", problem)

@@ -1,0 +1,133 @@
+"""Plugin discovery through Python entry points.
+
+One entry-point group per slot (``archlab.attention``, ``archlab.ffn``, ...). A
+plugin is a class with a ``Config`` dataclass attribute; installing the
+distribution that announces it is the only step needed to make it selectable.
+
+Entry points are read once and loaded lazily, one by one: a plugin that fails to
+import is recorded with its distribution, entry point and error and never stops
+the others, unless ``ARCHLAB_STRICT_PLUGINS=1`` asks for an error (CI does).
+Two plugins claiming the same slot and name are always an error naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+
+from archlab.errors import ConfigError, PluginError
+
+#: Slots of the student model, in the order the CLI lists them.
+MODEL_SLOTS = ("attention", "ffn", "residual", "linear", "norm", "position", "head")
+#: Slots of the pipeline around the student.
+PIPELINE_SLOTS = ("corpus", "teacher", "objective")
+SLOTS = MODEL_SLOTS + PIPELINE_SLOTS
+#: Entry-point group through which a distribution adds Hydra presets (``pkg://`` paths).
+PRESETS_GROUP = "archlab.presets"
+
+
+@dataclass
+class Plugin:
+    """One entry point of one slot; ``load()`` imports it on first use."""
+
+    slot: str
+    name: str
+    entry_point: EntryPoint
+    _obj: type | None = None
+    _error: str | None = None
+
+    @property
+    def distribution(self) -> str:
+        dist = self.entry_point.dist
+        return f"{dist.name} {dist.version}" if dist is not None else "?"
+
+    def load(self) -> type:
+        """Import the plugin class and check that it carries a ``Config`` dataclass."""
+        if self._obj is None and self._error is None:
+            try:
+                obj = self.entry_point.load()
+            except Exception as exc:  # noqa: BLE001 - any import error is reported, not raised
+                self._error = f"{type(exc).__name__}: {exc}"
+            else:
+                config = getattr(obj, "Config", None)
+                if config is None or not dataclasses.is_dataclass(config):
+                    self._error = (
+                        f"{self.entry_point.value} has no `Config` dataclass attribute; "
+                        "give the plugin class a nested @dataclass named Config"
+                    )
+                else:
+                    self._obj = obj
+        if self._error is not None:
+            raise PluginError(
+                f"plugin {self.slot}={self.name} (entry point '{self.entry_point.value}' "
+                f"of {self.distribution}) is broken: {self._error}"
+            )
+        return self._obj
+
+    @property
+    def error(self) -> str | None:
+        """The load error, or None if the plugin imports cleanly (loads it to find out)."""
+        try:
+            self.load()
+        except PluginError:
+            return self._error
+        return None
+
+
+def strict() -> bool:
+    return os.environ.get("ARCHLAB_STRICT_PLUGINS", "0") not in ("", "0", "false")
+
+
+@cache
+def plugins(slot: str) -> dict[str, Plugin]:
+    """All plugins announced for ``slot``, by name (not yet imported)."""
+    if slot not in SLOTS:
+        raise ConfigError(slot, "?", f"one of the slots {', '.join(SLOTS)}")
+    found: dict[str, Plugin] = {}
+    for ep in entry_points(group=f"archlab.{slot}"):
+        plugin = Plugin(slot, ep.name, ep)
+        if ep.name in found:
+            other = found[ep.name]
+            if other.entry_point.value == ep.value and other.distribution == plugin.distribution:
+                continue  # the same distribution seen twice on sys.path
+            raise PluginError(
+                f"two plugins claim {slot}={ep.name}: '{other.entry_point.value}' from "
+                f"{other.distribution} and '{ep.value}' from {plugin.distribution}; "
+                "uninstall one or rename its entry point"
+            )
+        found[ep.name] = plugin
+    return found
+
+
+def get(slot: str, name: str) -> type:
+    """The plugin class for ``slot=name``; unknown names list what is available."""
+    available = plugins(slot)
+    if name not in available:
+        names = ", ".join(sorted(available)) or "none installed"
+        raise ConfigError(slot, name, f"one of: {names}")
+    return available[name].load()
+
+
+def loadable(slot: str) -> dict[str, type]:
+    """Every plugin of ``slot`` that imports; broken ones are skipped (raised when strict)."""
+    out = {}
+    for name, plugin in plugins(slot).items():
+        try:
+            out[name] = plugin.load()
+        except PluginError:
+            if strict():
+                raise
+    return out
+
+
+def preset_paths() -> list[str]:
+    """``pkg://`` search paths announced by installed distributions for their YAML presets."""
+    return [f"pkg://{ep.value}" for ep in entry_points(group=PRESETS_GROUP)]
+
+
+def clear_cache() -> None:
+    """Forget discovered plugins (after installing a distribution in the same process)."""
+    plugins.cache_clear()

@@ -1,0 +1,254 @@
+"""The training loop: AdamW, warmup + cosine/WSD schedule, clipping, accumulation, eval, checkpoints.
+
+AdamW with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) on
+matrices only (norm gains and biases are not decayed). Batches are drawn from
+(seed, step), checkpoints hold weights, optimizer, scheduler and RNG state, so
+resuming a killed run replays exactly the loss curve of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from archlab import checkpoint, registry
+from archlab.config import Schedule, TrainerConfig
+from archlab.data import build_split, train_batch, val_batches
+from archlab.errors import NonFiniteLossError
+from archlab.kernels import select_kernel
+from archlab.loggers import Loggers, RunInfo
+from archlab.metrics import model_metrics
+from archlab.model import build_student
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, t: TrainerConfig) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps: linear warmup, then cosine or WSD."""
+    warmup = round(t.warmup_fraction * t.max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = t.min_lr_ratio
+    if t.schedule is Schedule.cosine:
+        progress = (step - warmup) / max(1, t.max_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = t.max_steps - int(t.decay_fraction * t.max_steps)
+    if step < decay_start:
+        return 1.0
+    return 1 - (1 - floor) * (step - decay_start) / max(1, t.max_steps - decay_start)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+class Trainer:
+    """Trains one student described by a composed archlab config; ``run()`` returns the summary."""
+
+    def __init__(self, cfg: DictConfig, info: RunInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.t: TrainerConfig = OmegaConf.to_object(cfg.trainer)
+        self.device = resolve_device(self.t.device)
+        bf16 = self.t.precision.name == "bf16"
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        torch.manual_seed(cfg.seed)
+        self.model = build_student(cfg).to(self.device)
+        self.model.kernel = select_kernel(
+            cfg.model.attention_backend, self.device, self.compute_dtype, self.model.dims.head_dim
+        )
+        log.info("attention kernel: %s (%s)", self.model.kernel.name, self.model.kernel.reason)
+        self.objective = registry.get("objective", cfg.objective.plugin)(OmegaConf.to_object(cfg.objective))
+        corpus = registry.get("corpus", cfg.corpus.plugin)(OmegaConf.to_object(cfg.corpus))
+        d = cfg.data
+        self.split = build_split(
+            corpus, val_fraction=d.val_fraction, max_bytes=d.max_bytes, cache_dir=d.cache_dir
+        )
+        log.info(self.split.report())
+        self.optimizer = make_optimizer(self.model, self.t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.t)
+        )
+        self.step = 0
+        self.ckpt_root = info.run_dir / "checkpoints"
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; raises on a non-finite loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, metrics = 0.0, {}
+        for micro in range(self.t.grad_accum):
+            x, y = train_batch(
+                self.split.train,
+                batch_size=self.t.batch_size,
+                context=self.model.dims.context,
+                seed=self.cfg.seed,
+                step=self.step,
+                micro=micro,
+            )
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast():
+                ctx = self.model.new_context(x)
+                loss = self.objective(self.model(x, ctx), y)
+                total = loss + ctx.total_aux_loss()
+            (total / self.t.grad_accum).backward()
+            loss_sum += float(total.detach())
+            metrics = ctx.metrics
+        loss = loss_sum / self.t.grad_accum
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(self._non_finite_message(loss))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else math.inf
+        )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "train/tokens": self.tokens_seen,
+            **{f"train/{k}": v for k, v in metrics.items()},
+        }
+
+    def _non_finite_message(self, loss: float) -> str:
+        last = checkpoint.latest(self.info.run_dir)
+        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written"
+        return (
+            f"loss is {loss} at step {self.step + 1}; training stopped and {kept}. "
+            "Lower trainer.lr, raise trainer.warmup_fraction or set trainer.grad_clip."
+        )
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.step * self.t.batch_size * self.t.grad_accum * self.model.dims.context
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss on the fixed validation windows; bits per byte = nats / ln 2 per byte-token."""
+        self.model.eval()
+        nats, count = 0.0, 0
+        for x, y in val_batches(
+            self.split.val,
+            batch_size=self.t.batch_size,
+            context=self.model.dims.context,
+            max_tokens=self.t.eval_tokens,
+        ):
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast():
+                logits = self.model(x)
+            nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+        self.model.train()
+        return {"val/loss": nats / count, "val/bpb": nats / count / math.log(2)}
+
+    def save(self, wandb_id: str | None) -> Path:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "wandb_id": wandb_id,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+        return checkpoint.save(self.ckpt_root, self.step, self.model, state)
+
+    def restore(self, ckpt: Path) -> str | None:
+        """Load a checkpoint into model, optimizer, scheduler and RNG; returns its W&B run id."""
+        state = checkpoint.load(ckpt, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return state["wandb_id"]
+
+    def resume_point(self) -> Path | None:
+        if self.t.resume is None:
+            return None
+        if self.t.resume == "auto":
+            return checkpoint.latest(self.info.run_dir)
+        return checkpoint.find(self.t.resume)
+
+    def run(self) -> dict:
+        """Train to ``max_steps`` (resuming if asked), evaluate, log and return the summary."""
+        ckpt = self.resume_point()
+        wandb_id = self.restore(ckpt) if ckpt else None
+        loggers = Loggers(self.cfg, self.info, resume_id=wandb_id)
+        loggers.jsonl.truncate_after(self.step)
+        static = model_metrics(self.model, self.compute_dtype)
+        static["kernel/attention"] = self.model.kernel.name
+        try:
+            summary = self._loop(loggers, static)
+        except BaseException:
+            loggers.finish(exit_code=1)
+            raise
+        loggers.summary(summary)
+        loggers.finish()
+        for line in loggers.locations():
+            log.info(line)
+        return summary
+
+    def _loop(self, loggers: Loggers, static: dict) -> dict:
+        loggers.log(static, self.step)
+        t, train_time, val, first = self.t, 0.0, {}, self.step
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not t.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        with bar:
+            while self.step < t.max_steps:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                train_time += time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    **({"val_bpb": f"{val['val/bpb']:.3f}"} if val else {}),
+                )
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    val = self.evaluate()
+                    metrics.update(val)
+                if self.step % t.log_every == 0 or "val/bpb" in metrics:
+                    loggers.log(metrics, self.step)
+                if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                    self.save(loggers.wandb_id)
+        if not val:
+            val = self.evaluate()
+        tokens_per_step = t.batch_size * t.grad_accum * self.model.dims.context
+        done = self.step - first
+        return {
+            **static,
+            **val,
+            "train/steps": self.step,
+            "train/tokens": self.tokens_seen,
+            "tokens_per_s": done * tokens_per_step / train_time if train_time else 0.0,
+        }

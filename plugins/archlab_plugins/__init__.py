@@ -1,0 +1,1 @@
+"""First-party archlab plugins: an installable distribution of its own, like any third party's."""
