@@ -99,7 +99,7 @@ def plugins(args: list[str]) -> int:
         print(f"{slot}:" + ("" if found else " (none installed)"))
         for name, plugin in sorted(found.items()):
             error = plugin.error
-            status = "ok" if error is None else f"BROKEN: {error}"
+            status = "ok" if error is None else f"BROKEN ({plugin.entry_point.value}): {error}"
             broken += error is not None
             print(f"  {name:<12} {plugin.distribution:<24} {status}")
             if error is None:

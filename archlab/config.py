@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from archlab import registry
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
-from archlab.model import slot_choices
+from archlab.model import linear_factory, slot_choices
 
 
 @dataclass
@@ -121,7 +121,9 @@ def node_class(slot: str, name: str, plugin: type) -> type:
 def register_configs() -> None:
     """Store the schemas and every loadable plugin's config in Hydra's ConfigStore."""
     cs = ConfigStore.instance()
-    cs.store(group="model", name="_schema", node=ModelConfig, provider="archlab")
+    model = OmegaConf.structured(ModelConfig)
+    OmegaConf.set_struct(model.linear_overrides, False)  # roles are open keys: {ffn: X} needs no '+'
+    cs.store(group="model", name="_schema", node=model, provider="archlab")
     cs.store(group="trainer", name="_schema", node=TrainerConfig, provider="archlab")
     cs.store(group="data", name="default", node=DataConfig, provider="archlab")
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
@@ -134,6 +136,16 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before training: shapes, plugin configs, trainer values."""
-    slot_choices(cfg)
+    linear_factory(cfg, slot_choices(cfg)["linear"])
     check_backend(cfg.model.attention_backend)
     OmegaConf.to_object(cfg.trainer).validate()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The archlab config for ``overrides``, composed outside the CLI (notebooks, tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module("archlab.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))

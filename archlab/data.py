@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -70,14 +71,20 @@ def build_split(corpus, *, val_fraction: float, max_bytes: int | None, cache_dir
     if max_bytes is not None and max_bytes < 1:
         raise ConfigError("data.max_bytes", max_bytes, "a positive number of bytes or null")
     key = hashlib.sha256(f"v1 {val_fraction} {max_bytes}".encode())
-    train, val, n_docs, n_val_docs, total = [], [], 0, 0, 0
+    budget = {True: math.inf, False: math.inf}  # bytes still allowed into val (True) / train (False)
+    if max_bytes is not None:
+        budget = {True: val_fraction * max_bytes, False: (1 - val_fraction) * max_bytes}
+    train, val, n_docs, n_val_docs = [], [], 0, 0
     for doc_id, data in corpus.documents():
-        if max_bytes is not None and total >= max_bytes:
-            break
-        key.update(doc_id.encode() + b"\x00" + hashlib.sha256(data).digest())
         is_val = _is_val(doc_id, val_fraction)
+        if budget[is_val] <= 0:
+            if max(budget.values()) <= 0:
+                break
+            continue
+        key.update(doc_id.encode() + b"\x00" + hashlib.sha256(data).digest())
         (val if is_val else train).append(data + EOD)
-        n_docs, n_val_docs, total = n_docs + 1, n_val_docs + is_val, total + len(data) + 1
+        budget[is_val] -= len(data) + 1
+        n_docs, n_val_docs = n_docs + 1, n_val_docs + is_val
     if n_docs == 0:
         raise CorpusError(f"corpus {corpus.describe()} holds no text documents")
     if not val or not train:

@@ -33,6 +33,7 @@ class JsonlLogger:
     """One JSON object per logged step in ``metrics.jsonl``; the final metrics in ``summary.json``."""
 
     def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.summary_path = run_dir / "summary.json"
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite (slow end-to-end tests included). CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export ARCHLAB_STRICT_PLUGINS=1 WANDB_MODE=offline
+exec .venv/bin/python -m pytest "$@"
