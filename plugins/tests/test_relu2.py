@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
+from archlab_plugins.ffn.relu2 import ReLU2
 
 from archlab import registry
 from archlab.baselines.linear import DenseLinear
 from archlab.config import compose
 from archlab.context import ModelDims
 from archlab.model import Choice, LinearFactory, build_student
-from archlab_plugins.ffn.relu2 import ReLU2
 
 
 def test_discovered_through_its_entry_point() -> None:
