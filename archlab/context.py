@@ -49,7 +49,7 @@ class ForwardContext:
     rotate: Callable[[Tensor, Tensor], Tensor]
     attend: Callable[[Tensor, Tensor, Tensor], Tensor]
     losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
-    _metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    _metrics: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def add_loss(self, name: str, value: Tensor, weight: float = 1.0) -> None:
         if name in self.losses:
@@ -60,7 +60,7 @@ class ForwardContext:
         self.losses[name] = (value, weight)
 
     def add_metric(self, name: str, value: float | Tensor) -> None:
-        self._metrics[name].append(float(value))
+        self._metrics[name].append(value.detach() if isinstance(value, Tensor) else value)
 
     def total_aux_loss(self) -> Tensor | float:
         return sum((weight * value for value, weight in self.losses.values()), 0.0)
@@ -68,7 +68,7 @@ class ForwardContext:
     @property
     def metrics(self) -> dict[str, float]:
         out = {f"aux/{k}": float(v.detach()) for k, (v, _) in self.losses.items()}
-        out.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+        out.update({k: float(sum(v)) / len(v) for k, v in self._metrics.items()})
         return out
 
 

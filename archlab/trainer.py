@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -96,7 +97,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; raises on a non-finite loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, metrics = 0.0, {}
+        sums: dict[str, float] = defaultdict(float)  # objective, total and reported metrics
         for micro in range(self.t.grad_accum):
             x, y = train_batch(
                 self.split.train,
@@ -112,11 +113,10 @@ class Trainer:
                 loss = self.objective(self.model(x, ctx), y)
                 total = loss + ctx.total_aux_loss()
             (total / self.t.grad_accum).backward()
-            loss_sum += float(total.detach())
-            metrics = ctx.metrics
-        loss = loss_sum / self.t.grad_accum
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message(loss))
+            for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
+                sums[name] += float(value) / self.t.grad_accum
+        if not math.isfinite(sums["total_loss"]):
+            raise NonFiniteLossError(self._non_finite_message(sums["total_loss"]))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else math.inf
         )
@@ -125,11 +125,10 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return {
-            "train/loss": loss,
+            **{f"train/{k}": v for k, v in sums.items()},
             "train/lr": lr,
             "train/grad_norm": float(grad_norm),
             "train/tokens": self.tokens_seen,
-            **{f"train/{k}": v for k, v in metrics.items()},
         }
 
     def _non_finite_message(self, loss: float) -> str:
@@ -202,6 +201,9 @@ class Trainer:
         loggers.jsonl.truncate_after(self.step)
         static = model_metrics(self.model, self.compute_dtype)
         static["kernel/attention"] = self.model.kernel.name
+        static.update(
+            {f"corpus/{k}": self.split.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
+        )
         try:
             summary = self._loop(loggers, static)
         except BaseException:

@@ -174,3 +174,25 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, cache_dir) -> None:
     metrics = trainer.train_step()
     assert math.isfinite(metrics["train/loss"])
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_aux_losses_reach_the_objective_through_the_context(tmp_path, cache_dir) -> None:
+    """A sublayer's ctx.add_loss(name, value, weight) is summed over layers, weighted and logged."""
+    trainer = make_trainer(tmp_path, cache_dir, "trainer.max_steps=3")
+    reported = []
+    for ffn in trainer.model.sublayers[1::2]:
+
+        def forward(x, ctx, _inner=ffn.forward):
+            y = _inner(x, ctx)
+            penalty = y.pow(2).mean()
+            reported.append(float(penalty.detach()))
+            ctx.add_loss("l2", penalty, weight=0.5)
+            ctx.add_metric("ffn_rms", penalty.sqrt())
+            return y
+
+        ffn.forward = forward
+    metrics = trainer.train_step()
+    assert len(reported) == 2  # one per layer
+    assert metrics["train/aux/l2"] == pytest.approx(sum(reported), rel=1e-5)
+    assert metrics["train/total_loss"] == pytest.approx(metrics["train/loss"] + 0.5 * sum(reported), rel=1e-5)
+    assert metrics["train/ffn_rms"] == pytest.approx(sum(r**0.5 for r in reported) / 2, rel=1e-5)

@@ -1,0 +1,63 @@
+"""The step-overhead benchmark still runs end to end (tiny settings, no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+TINY = [
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--batch-size",
+    "2",
+    "--peak-size",
+    "64",
+    "--override",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.context=32",
+]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_benchmark_runs_checks_equivalence_and_writes_json(bench, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    results = bench.main([*TINY, "--json", str(out)])
+
+    assert results["ratio"] > 0 and results["ratio_of_medians"] > 0
+    assert results["equivalence"]["checked"] is True
+    assert results["equivalence"]["logits_max_abs_diff"] <= results["equivalence"]["atol"]
+    assert results["tokens_per_step"] == 2 * 32
+    assert results["matmul_peak_gflops"] > 0
+    assert json.loads(out.read_text())["ratio"] == pytest.approx(results["ratio"])
+    printed = capsys.readouterr().out
+    assert "ratio archlab/plain" in printed and "target ratio <= 1.05" in printed
+
+
+def test_every_student_weight_has_a_plain_twin(bench):
+    setup = bench.build(bench.parse_args(TINY))
+    plain_keys = set(setup.plain.state_dict())
+    assert {bench.plain_key(k) for k in setup.student.state_dict()} == plain_keys
+
+
+def test_non_default_slots_are_refused(bench):
+    with pytest.raises(SystemExit, match="default slots"):
+        bench.build(bench.parse_args([*TINY, "attention.n_kv_heads=1"]))
