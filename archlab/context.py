@@ -62,8 +62,11 @@ class ForwardContext:
     def add_metric(self, name: str, value: float | Tensor) -> None:
         self._metrics[name].append(value.detach() if isinstance(value, Tensor) else value)
 
-    def total_aux_loss(self) -> Tensor | float:
-        return sum((weight * value for value, weight in self.losses.values()), 0.0)
+    def add_aux_losses(self, objective: Tensor) -> Tensor:
+        """``objective + Σ weight · value`` over the reported auxiliary losses."""
+        for value, weight in self.losses.values():
+            objective = objective + weight * value
+        return objective
 
     @property
     def metrics(self) -> dict[str, float]:

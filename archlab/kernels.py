@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +52,19 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return rearrange(y, "b t g r k -> b (g r) t k")
 
 
-@dataclass(frozen=True)
+_FUNCTIONS = {"xformers": xformers_attention, "sdpa": sdpa_attention, "eager": eager_attention}
+
+
+@dataclass
 class Kernel:
     """The attention function of a run, with why it was chosen."""
 
     name: str
     reason: str
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor] = field(init=False, repr=False)
 
-    @property
-    def fn(self):
-        return {"xformers": xformers_attention, "sdpa": sdpa_attention, "eager": eager_attention}[self.name]
+    def __post_init__(self) -> None:
+        self.fn = _FUNCTIONS[self.name]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.fn(q, k, v)

@@ -87,7 +87,7 @@ class Student(nn.Module):
 
     def new_context(self, tokens: Tensor) -> ForwardContext:
         return ForwardContext(
-            positions=positions_for(tokens), rotate=self.position.rotate, attend=self.kernel
+            positions=positions_for(tokens), rotate=self.position.rotate, attend=self.kernel.fn
         )
 
     def forward(self, tokens: Tensor, ctx: ForwardContext | None = None) -> Tensor:

@@ -111,7 +111,7 @@ class Trainer:
             with self.autocast():
                 ctx = self.model.new_context(x)
                 loss = self.objective(self.model(x, ctx), y)
-                total = loss + ctx.total_aux_loss()
+                total = ctx.add_aux_losses(loss)
             (total / self.t.grad_accum).backward()
             for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
                 sums[name] += float(value) / self.t.grad_accum

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
 TINY = [
@@ -61,3 +62,11 @@ def test_every_student_weight_has_a_plain_twin(bench):
 def test_non_default_slots_are_refused(bench):
     with pytest.raises(SystemExit, match="default slots"):
         bench.build(bench.parse_args([*TINY, "attention.n_kv_heads=1"]))
+
+
+def test_equivalence_check_catches_a_different_model(bench):
+    setup = bench.build(bench.parse_args(TINY))
+    with torch.no_grad():
+        setup.plain.blocks[0].up.weight[0, 0] += 1.0
+    with pytest.raises(AssertionError, match="logits"):
+        bench.check_equivalence(setup.student, setup.plain, setup.x)

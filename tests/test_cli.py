@@ -78,7 +78,10 @@ SUMMARY_KEYS = (
     "val/bpb",
 )
 
-LISTING = re.compile(r"^  (?P<name>\S+)\s+(?P<dist>\S+) (?P<version>\S+)\s+(?P<status>ok|BROKEN: .*)$")
+LISTING = re.compile(
+    r"^  (?P<name>\S+)\s+(?P<dist>\S+) (?P<version>\S+)\s+"
+    r"(?P<status>ok|BROKEN \((?P<entry_point>[^)]*)\): .*)$"
+)
 
 
 def listed(stdout: str) -> dict[str, dict[str, re.Match]]:
@@ -185,6 +188,7 @@ def test_plugins_check_exits_1_naming_the_broken_plugin(run_cli, make_dist) -> N
     assert_no_traceback(result)
     broken = listed(result.stdout)["ffn"]["clibroken"]
     assert (broken["dist"], broken["version"]) == ("cli-broken", "0.2")
+    assert broken["entry_point"] == BROKEN_ENTRY_POINTS["archlab.ffn"]["clibroken"]
     assert "ImportError: clibroken needs the frobnicate package" in broken["status"]
     assert result.stderr.strip() == "1 broken plugin(s)"
 
@@ -194,7 +198,7 @@ def test_plugins_without_check_still_lists_the_others(run_cli, make_dist) -> Non
     result = run_cli("plugins", pythonpath=[site])
     assert result.returncode == 0, result.stderr
     found = listed(result.stdout)
-    assert found["ffn"]["clibroken"]["status"].startswith("BROKEN: ")
+    assert found["ffn"]["clibroken"]["status"].startswith("BROKEN (")
     assert found["ffn"]["mlp"]["status"] == found["ffn"]["relu2"]["status"] == "ok"
     assert found["attention"]["clifine"]["dist"] == "cli-broken"
     assert found["attention"]["clifine"]["status"] == "ok"
