@@ -6,7 +6,9 @@ contain NUL (binary files are skipped). A document goes to validation when the
 first 8 bytes of sha256(document id), read as a fraction of 2⁶⁴, fall below
 ``val_fraction``: the split depends on the id alone, so it is stable when documents
 are added. The split is cached under ``cache_dir/corpus/<hash>/`` keyed by the
-hash of every document's id and content and the split settings.
+hash of every document's id and content and the split settings. ``max_bytes`` caps
+what is read: each split stops taking documents once it holds its share
+(``val_fraction · max_bytes`` for validation), so a capped corpus keeps both splits.
 """
 
 from __future__ import annotations

@@ -225,20 +225,20 @@ class Trainer:
             desc="train",
             unit="step",
             dynamic_ncols=True,
+            mininterval=1.0,
         )
         with bar:
             while self.step < t.max_steps:
                 start = time.perf_counter()
                 metrics = self.train_step()
                 train_time += time.perf_counter() - start
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['train/loss']:.3f}",
-                    **({"val_bpb": f"{val['val/bpb']:.3f}"} if val else {}),
-                )
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     val = self.evaluate()
                     metrics.update(val)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}", val_bpb=f"{val.get('val/bpb', math.nan):.3f}"
+                )
                 if self.step % t.log_every == 0 or "val/bpb" in metrics:
                     loggers.log(metrics, self.step)
                 if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
