@@ -10,11 +10,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from archlab import __version__, registry
-from archlab.errors import ArchlabError
+from archlab.errors import ArchlabError, ConfigError
 
 log = logging.getLogger("archlab")
 
@@ -24,6 +26,9 @@ commands:
   train [OVERRIDES]   train a student; Hydra overrides, e.g. attention=mha ffn=relu2
                       trainer.max_steps=20; -m for a multirun sweep; --help for the config
   plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
+  teacher build [OVERRIDES]
+                      build the configured teacher and its soft-target cache once, so that
+                      later runs and sweeps with the same overrides only read them
 """
 
 
@@ -79,6 +84,37 @@ def train(args: list[str]) -> None:
     _train_app()
 
 
+def teacher(args: list[str]) -> int:
+    """``archlab teacher build [OVERRIDES]``: prepare the configured teacher and its soft-target cache."""
+    parser = argparse.ArgumentParser(
+        prog="archlab teacher",
+        description="Build (or find) the shared teacher and its soft targets for the run the overrides "
+        "describe, so that later runs and sweeps only read them.",
+    )
+    parser.add_argument("action", choices=["build"])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `archlab train`")
+    opts = parser.parse_args(args)
+    from archlab.config import compose, validate
+    from archlab.trainer import load_split, resolve_device, soft_targets_for
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    cfg = compose(opts.overrides)
+    validate(cfg)
+    if cfg.teacher.plugin == "none":
+        raise ConfigError("teacher", "none", "a teacher plugin to build, e.g. teacher=ngram")
+    t = OmegaConf.to_object(cfg.trainer)
+    split = load_split(cfg)
+    log.info(split.report())
+    _, objective_cfg = registry.configured("objective", cfg.objective)
+    targets = soft_targets_for(cfg, split, resolve_device(t.device), t, objective_cfg)
+    print(f"teacher {cfg.teacher.plugin}: val bpb {targets.meta['teacher_val_bpb']:.4f}")
+    print(
+        f"soft targets ({targets.meta['train_windows']} train windows, top {targets.meta['top_k']}): "
+        f"{targets.path}"
+    )
+    return 0
+
+
 def _fields(plugin: type) -> str:
     parts = []
     for f in dataclasses.fields(plugin.Config):
@@ -124,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "plugins":
             return plugins(rest)
+        if command == "teacher":
+            return teacher(rest)
         if command == "--version":
             print(f"archlab {__version__}")
             return 0
-    except ArchlabError as exc:
+    except (ArchlabError, HydraException, OmegaConfBaseException) as exc:  # bad input: one message
         print(f"archlab: error: {exc}", file=sys.stderr)
         return 2
     print(f"archlab: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

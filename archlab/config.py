@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from archlab import registry
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
-from archlab.model import linear_factory, slot_choices
+from archlab.model import dims_from, linear_factory, slot_choices
 
 
 @dataclass
@@ -95,6 +95,24 @@ class DataConfig:
     cache_dir: str = "${oc.env:ARCHLAB_CACHE,'~/.cache/archlab'}"
 
 
+@dataclass
+class DistillConfig:
+    top_k: int = 32  # teacher ids and log-probs cached per token; the tail is one "rest" bucket
+    build_batch_size: int = 16  # windows per teacher forward while building the soft-target cache
+
+    def validate(self) -> None:
+        for key in ("top_k", "build_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distill.{key}", getattr(self, key), "a positive integer")
+
+
+@dataclass
+class NoTeacher:
+    """``teacher=none``: train on hard labels only (objective=ce)."""
+
+    plugin: str = "none"
+
+
 class LoggerBackend(Enum):
     wandb = "wandb"
     none = "none"  # only the jsonl metrics file and summary.json
@@ -126,6 +144,8 @@ def register_configs() -> None:
     cs.store(group="model", name="_schema", node=model, provider="archlab")
     cs.store(group="trainer", name="_schema", node=TrainerConfig, provider="archlab")
     cs.store(group="data", name="default", node=DataConfig, provider="archlab")
+    cs.store(group="distill", name="default", node=DistillConfig, provider="archlab")
+    cs.store(group="teacher", name="none", node=NoTeacher, provider="archlab")
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
     cs.store(group="logger", name="none", node=LoggerConfig(backend=LoggerBackend.none), provider="archlab")
     for slot in registry.SLOTS:
@@ -136,16 +156,34 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before training: shapes, plugin configs, trainer values."""
+    dims = dims_from(cfg)
     linear_factory(cfg, slot_choices(cfg)["linear"])
     check_backend(cfg.model.attention_backend)
     OmegaConf.to_object(cfg.trainer).validate()
+    OmegaConf.to_object(cfg.distill).validate()
+    objective, objective_cfg = registry.configured("objective", cfg.objective)
+    if hasattr(objective_cfg, "validate"):
+        objective_cfg.validate(dims)
+    if cfg.teacher.plugin == "none":
+        if objective.needs_teacher:
+            raise ConfigError(
+                "teacher",
+                "none",
+                f"a teacher plugin for objective={cfg.objective.plugin}, "
+                f"one of: {', '.join(sorted(registry.plugins('teacher')))}; or objective=ce",
+            )
+    else:
+        registry.configured("teacher", cfg.teacher)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The archlab config for ``overrides``, composed outside the CLI (notebooks, tests, benchmarks)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
+    if GlobalHydra.instance().is_initialized():  # inside `archlab train`: Hydra already holds our configs
+        return hydra_compose("config", overrides=list(overrides))
     with initialize_config_module("archlab.conf", version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -122,31 +123,58 @@ def build_split(corpus, *, val_fraction: float, max_bytes: int | None, cache_dir
     )
 
 
-def train_batch(
-    tokens: np.ndarray, *, batch_size: int, context: int, seed: int, step: int, micro: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Random windows for one micro-batch; the same (seed, step, micro) always gives the same batch.
+def windows(tokens: np.ndarray, starts: np.ndarray | list[int], context: int) -> tuple[Tensor, Tensor]:
+    """Inputs and next-token targets, (n, t) each, of the windows starting at ``starts``."""
+    rows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts])).long()
+    return rows[:, :-1], rows[:, 1:]
 
-    Drawing from the step number (not a running generator) is what makes resume exact.
+
+@lru_cache(maxsize=4)
+def _epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def stream_windows(n_windows: int, seed: int, first: int, count: int) -> np.ndarray:
+    """Window indices at positions [first, first + count) of the training stream.
+
+    The stream visits the ``n_windows`` aligned windows of the train split in a seeded
+    random order, a fresh order each epoch. It is a pure function of its arguments, so
+    resuming at a step replays the same batches, and a soft-target cache built for the
+    stream's first N positions serves every student with the same seed and context.
     """
-    n_starts = len(tokens) - context - 1
-    if n_starts < 1:
+    positions = np.arange(first, first + count)
+    epochs, offsets = np.divmod(positions, n_windows)
+    return np.array([_epoch_order(n_windows, seed, e)[o] for e, o in zip(epochs, offsets, strict=True)])
+
+
+def n_train_windows(tokens: np.ndarray, context: int) -> int:
+    n = (len(tokens) - 1) // context
+    if n < 1:
         raise CorpusError(f"train split has {len(tokens)} tokens, fewer than model.context+1")
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0]))
-    starts = torch.randint(0, n_starts, (batch_size,), generator=gen).tolist()
-    windows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s in starts]))
-    windows = windows.long()
-    return windows[:, :-1], windows[:, 1:]
+    return n
+
+
+def train_batch(
+    tokens: np.ndarray, *, context: int, seed: int, first: int, count: int
+) -> tuple[Tensor, Tensor]:
+    """The ``count`` windows at stream positions [first, first + count), as (inputs, targets)."""
+    ids = stream_windows(n_train_windows(tokens, context), seed, first, count)
+    return windows(tokens, ids * context, context)
+
+
+def n_val_windows(tokens: np.ndarray, context: int, max_tokens: int) -> int:
+    n = min((len(tokens) - 1) // context, max(1, max_tokens // context))
+    if n < 1:
+        raise CorpusError(f"validation split has {len(tokens)} tokens, fewer than model.context+1")
+    return n
 
 
 def val_batches(tokens: np.ndarray, *, batch_size: int, context: int, max_tokens: int):
-    """The fixed validation set: consecutive non-overlapping windows from the start, in batches."""
-    n_windows = min((len(tokens) - 1) // context, max(1, max_tokens // context))
-    if n_windows < 1:
-        raise CorpusError(f"validation split has {len(tokens)} tokens, fewer than model.context+1")
-    for first in range(0, n_windows, batch_size):
-        idx = range(first, min(first + batch_size, n_windows))
-        windows = torch.from_numpy(
-            np.stack([tokens[i * context : i * context + context + 1] for i in idx])
-        ).long()
-        yield windows[:, :-1], windows[:, 1:]
+    """The fixed validation set: consecutive non-overlapping windows from the start, in batches.
+
+    Yields ``(first, inputs, targets)`` with ``first`` the index of the batch's first window.
+    """
+    n = n_val_windows(tokens, context, max_tokens)
+    for first in range(0, n, batch_size):
+        x, y = windows(tokens, [i * context for i in range(first, min(first + batch_size, n))], context)
+        yield first, x, y

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from archlab import registry
@@ -113,11 +113,9 @@ def slot_choices(cfg: DictConfig) -> dict[str, Choice]:
     dims.validate()
     choices = {}
     for slot in registry.MODEL_SLOTS:
-        node = cfg[slot]
-        plugin_cfg = OmegaConf.to_object(node)
-        choices[slot] = Choice(registry.get(slot, node.plugin), plugin_cfg)
-        if hasattr(plugin_cfg, "validate"):
-            plugin_cfg.validate(dims)
+        choices[slot] = Choice(*registry.configured(slot, cfg[slot]))
+        if hasattr(choices[slot].cfg, "validate"):
+            choices[slot].cfg.validate(dims)
     return choices
 
 

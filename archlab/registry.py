@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from archlab.errors import ConfigError, PluginError
 
@@ -109,6 +112,17 @@ def get(slot: str, name: str) -> type:
         names = ", ".join(sorted(available)) or "none installed"
         raise ConfigError(slot, name, f"one of: {names}")
     return available[name].load()
+
+
+def configured(slot: str, node: DictConfig) -> tuple[type, Any]:
+    """The plugin class a config node names (its ``plugin`` field) and its validated ``Config`` instance.
+
+    Works for composed (structured) nodes and for plain ones read back from a checkpoint.
+    """
+    cls = get(slot, node.plugin)
+    fields = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    fields.pop("plugin")
+    return cls, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), fields))
 
 
 def loadable(slot: str) -> dict[str, type]:

@@ -21,13 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from archlab import checkpoint, registry
+from archlab.baselines.objective import teacher_agreement
 from archlab.config import Schedule, TrainerConfig
-from archlab.data import build_split, train_batch, val_batches
-from archlab.errors import NonFiniteLossError
+from archlab.data import TokenSplit, build_split, n_val_windows, train_batch, val_batches
+from archlab.errors import ConfigError, NonFiniteLossError
 from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
+from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
+from archlab.teacher import TeacherEnv
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +63,57 @@ def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
+def load_split(cfg: DictConfig) -> TokenSplit:
+    """The run's corpus, tokenised, split and cached as the ``corpus`` and ``data`` configs say."""
+    corpus_cls, corpus_cfg = registry.configured("corpus", cfg.corpus)
+    d = cfg.data
+    return build_split(
+        corpus_cls(corpus_cfg), val_fraction=d.val_fraction, max_bytes=d.max_bytes, cache_dir=d.cache_dir
+    )
+
+
+def soft_targets_for(
+    cfg: DictConfig, split: TokenSplit, device: torch.device, t: TrainerConfig, objective_cfg
+) -> TargetCache | None:
+    """The shared teacher's cached targets for this run (built once per sweep), or None without a teacher."""
+    if cfg.teacher.plugin == "none":
+        return None
+    teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
+    cache_dir = Path(cfg.data.cache_dir).expanduser()
+    env = TeacherEnv(
+        split=split,
+        vocab_size=cfg.model.vocab_size,
+        context=cfg.model.context,
+        cache_dir=cache_dir / "teachers",
+        device=device,
+        progress=t.progress,
+    )
+    teacher = teacher_cls(teacher_cfg, env)
+    if teacher.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            "teacher",
+            cfg.teacher.plugin,
+            f"a teacher whose vocabulary ({teacher.vocab_size}) equals "
+            f"model.vocab_size={cfg.model.vocab_size}",
+        )
+    request = TargetRequest(
+        context=cfg.model.context,
+        top_k=min(cfg.distill.top_k, teacher.vocab_size),
+        temperature=float(getattr(objective_cfg, "temperature", 1.0)),
+        seed=cfg.seed,
+        train_windows=t.max_steps * t.grad_accum * t.batch_size,
+        val_windows=n_val_windows(split.val, cfg.model.context, t.eval_tokens),
+        batch_size=cfg.distill.build_batch_size,
+    )
+    targets = build_or_load(teacher, split, request, cache_dir, t.progress)
+    log.info("teacher %s: val bpb %.4f", cfg.teacher.plugin, targets.meta["teacher_val_bpb"])
+    return targets
+
+
 class Trainer:
     """Trains one student described by a composed archlab config; ``run()`` returns the summary."""
 
-    def __init__(self, cfg: DictConfig, info: RunInfo) -> None:
+    def __init__(self, cfg: DictConfig, info: RunInfo, split: TokenSplit | None = None) -> None:
         self.cfg, self.info = cfg, info
         self.t: TrainerConfig = OmegaConf.to_object(cfg.trainer)
         self.device = resolve_device(self.t.device)
@@ -75,13 +125,11 @@ class Trainer:
             cfg.model.attention_backend, self.device, self.compute_dtype, self.model.dims.head_dim
         )
         log.info("attention kernel: %s (%s)", self.model.kernel.name, self.model.kernel.reason)
-        self.objective = registry.get("objective", cfg.objective.plugin)(OmegaConf.to_object(cfg.objective))
-        corpus = registry.get("corpus", cfg.corpus.plugin)(OmegaConf.to_object(cfg.corpus))
-        d = cfg.data
-        self.split = build_split(
-            corpus, val_fraction=d.val_fraction, max_bytes=d.max_bytes, cache_dir=d.cache_dir
-        )
+        objective, objective_cfg = registry.configured("objective", cfg.objective)
+        self.objective = objective(objective_cfg)
+        self.split = split or load_split(cfg)
         log.info(self.split.report())
+        self.targets = soft_targets_for(cfg, self.split, self.device, self.t, objective_cfg)
         self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.t)
@@ -99,18 +147,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)  # objective, total and reported metrics
         for micro in range(self.t.grad_accum):
+            first, count = (self.step * self.t.grad_accum + micro) * self.t.batch_size, self.t.batch_size
             x, y = train_batch(
                 self.split.train,
-                batch_size=self.t.batch_size,
                 context=self.model.dims.context,
                 seed=self.cfg.seed,
-                step=self.step,
-                micro=micro,
+                first=first,
+                count=count,
             )
             x, y = x.to(self.device), y.to(self.device)
+            soft = self.targets.train(first, count).to(self.device) if self.targets else None
             with self.autocast():
                 ctx = self.model.new_context(x)
-                loss = self.objective(self.model(x, ctx), y)
+                loss = self.objective(self.model(x, ctx), y, soft)
                 total = ctx.add_aux_losses(loss)
             (total / self.t.grad_accum).backward()
             for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
@@ -145,22 +194,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss on the fixed validation windows; bits per byte = nats / ln 2 per byte-token."""
+        """Held-out loss on the fixed validation windows (bits per byte = nats / ln 2 per byte-token);
+        with a teacher also KL(teacher ‖ student) and top-1 agreement on the same windows."""
         self.model.eval()
-        nats, count = 0.0, 0
-        for x, y in val_batches(
+        sums: dict[str, float] = defaultdict(float)
+        batches = val_batches(
             self.split.val,
             batch_size=self.t.batch_size,
             context=self.model.dims.context,
             max_tokens=self.t.eval_tokens,
-        ):
+        )
+        for first, x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
-                logits = self.model(x)
-            nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-            count += y.numel()
+                logits = self.model(x).float()
+            sums["nats"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            sums["count"] += y.numel()
+            if self.targets:
+                soft = self.targets.val(first, len(x)).to(self.device)
+                for name, value in teacher_agreement(logits, soft).items():
+                    sums[name] += value * y.numel()
         self.model.train()
-        return {"val/loss": nats / count, "val/bpb": nats / count / math.log(2)}
+        count = sums.pop("count")
+        nats = sums.pop("nats") / count
+        agreement = {f"val/{k}": v / count for k, v in sums.items()}
+        return {"val/loss": nats, "val/bpb": nats / math.log(2), **agreement}
 
     def save(self, wandb_id: str | None) -> Path:
         state = {
@@ -204,6 +262,8 @@ class Trainer:
         static.update(
             {f"corpus/{k}": self.split.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
         )
+        if self.targets:
+            static["teacher/val_bpb"] = self.targets.meta["teacher_val_bpb"]
         try:
             summary = self._loop(loggers, static)
         except BaseException:

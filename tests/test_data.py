@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from archlab.baselines.corpus import FilesCorpus, StdlibCorpus
-from archlab.data import EOD, _is_val, build_split, train_batch, val_batches
+from archlab.data import EOD, _is_val, build_split, stream_windows, train_batch, val_batches
 from archlab.errors import ConfigError, CorpusError
 
 
@@ -88,13 +88,23 @@ def test_max_bytes_caps_the_corpus(tmp_path) -> None:
     assert 300_000 <= total < 300_000 + 2_000_000  # each split stops after the document crossing its share
 
 
-def test_batches_are_a_function_of_seed_and_step() -> None:
+def test_the_training_stream_is_a_seeded_permutation_per_epoch() -> None:
+    order = stream_windows(10, seed=1, first=0, count=30)
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert not np.array_equal(order[:10], order[10:20])  # a fresh order each epoch
+    assert np.array_equal(stream_windows(10, seed=1, first=7, count=5), order[7:12])  # pure in its arguments
+    assert not np.array_equal(stream_windows(10, seed=2, first=0, count=10), order[:10])
+
+
+def test_batches_are_aligned_windows_of_the_stream() -> None:
     tokens = np.arange(1000, dtype=np.int64).astype(np.uint8)
-    x, y = train_batch(tokens, batch_size=4, context=8, seed=1, step=3)
-    x2, _ = train_batch(tokens, batch_size=4, context=8, seed=1, step=3)
-    x3, _ = train_batch(tokens, batch_size=4, context=8, seed=1, step=4)
-    assert x.equal(x2) and not x.equal(x3)
+    x, y = train_batch(tokens, context=8, seed=1, first=3, count=4)
+    x2, _ = train_batch(tokens, context=8, seed=1, first=3, count=4)
+    assert x.equal(x2)
+    starts = stream_windows(124, seed=1, first=3, count=4) * 8
+    assert x[:, 0].tolist() == [s % 256 for s in starts]
     assert x[:, 1:].equal(y[:, :-1])  # targets are the next tokens
-    windows = list(val_batches(tokens, batch_size=3, context=8, max_tokens=80))
-    assert sum(len(w[0]) for w in windows) == 10
-    assert windows[0][0][1, 0] == 8  # consecutive non-overlapping windows
+    batches = list(val_batches(tokens, batch_size=3, context=8, max_tokens=80))
+    assert [first for first, _, _ in batches] == [0, 3, 6, 9]
+    assert sum(len(b[1]) for b in batches) == 10
+    assert batches[0][1][1, 0] == 8  # consecutive non-overlapping windows

@@ -61,9 +61,7 @@ def test_schedules() -> None:
 def test_grad_accumulation_equals_the_full_batch_gradient(tmp_path, cache_dir) -> None:
     trainer = make_trainer(tmp_path, cache_dir, "trainer.grad_accum=2", "trainer.grad_clip=0")
     model = trainer.model
-    batches = [
-        train_batch(trainer.split.train, batch_size=4, context=32, seed=0, step=0, micro=m) for m in range(2)
-    ]
+    batches = [train_batch(trainer.split.train, context=32, seed=0, first=4 * m, count=4) for m in range(2)]
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,132 @@
+"""Teacher slot: archlab models as teachers.
+
+``trained``: a larger archlab student (any plugins; its own Hydra overrides) trained once
+with cross-entropy on the run's own training split and cached under
+``<cache>/teachers/trained-<hash>``, the hash covering its resolved config and the corpus.
+A later run or sweep finds the checkpoint and never retrains; an interrupted build
+resumes from its last checkpoint. ``archlab teacher build`` runs this step on its own.
+
+``self``: self-distillation (Furlanello et al. 2018, "Born-Again Neural Networks",
+arXiv 1805.04770): the teacher is a frozen earlier checkpoint of an archlab run, usually
+of the same student architecture. Departure: no EMA teacher (yet); point ``checkpoint``
+at a run or checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from archlab import checkpoint
+from archlab.errors import ConfigError
+from archlab.teacher import TeacherEnv, load_student, student_log_probs
+
+#: The default teacher: 2.7 M non-embedding parameters (3.3x the tiny student), ~8 min on 2 CPU cores.
+DEFAULT_OVERRIDES = [
+    "model.d_model=192",
+    "model.n_layers=6",
+    "model.n_heads=6",
+    "trainer.max_steps=600",
+    "trainer.lr=2e-3",
+]
+
+
+class TrainedTeacher:
+    @dataclass
+    class Config:
+        overrides: list[str] = field(default_factory=lambda: list(DEFAULT_OVERRIDES))
+
+    def __init__(self, cfg: Config, env: TeacherEnv) -> None:
+        from archlab.config import compose, validate
+
+        self.env = env
+        fixed = [
+            "teacher=none",
+            "objective=ce",
+            "logger=none",
+            f"model.context={env.context}",
+            f"model.vocab_size={env.vocab_size}",
+            "trainer.resume=auto",
+            f"trainer.progress={env.progress}",
+        ]
+        try:
+            self.config = compose([*cfg.overrides, *fixed])
+            validate(self.config)
+        except ConfigError as exc:
+            raise ConfigError(f"teacher.overrides: {exc.key}", exc.value, exc.allowed) from None
+        described = OmegaConf.to_container(self.config, resolve=True, enum_to_str=True)
+        for key in (
+            "logger",
+            "data",
+            "corpus",
+        ):  # how runs log and find the corpus; corpus_key says what it is
+            described.pop(key)
+        described["trainer"].pop("progress")
+        self._identity = {"plugin": "trained", "config": described, "corpus": env.corpus_key}
+        digest = hashlib.sha256(json.dumps(self._identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.run_dir = Path(env.cache_dir) / f"trained-{digest}"
+        self.vocab_size = env.vocab_size
+        self.model = None
+
+    def identity(self) -> dict:
+        return self._identity
+
+    def prepare(self) -> None:
+        """Train the teacher unless its final checkpoint is cached (under a lock), then load it."""
+        from archlab.loggers import RunInfo
+        from archlab.trainer import Trainer
+
+        if self.model is not None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        max_steps = self.config.trainer.max_steps
+        with FileLock(str(self.run_dir) + ".lock"):
+            last = checkpoint.latest(self.run_dir)
+            if last is None or not last.name.endswith(f"{max_steps:08d}"):
+                info = RunInfo(run_dir=self.run_dir, name="teacher")
+                Trainer(self.config, info, split=self.env.split).run()
+            self.model = load_student(checkpoint.latest(self.run_dir), self.env.device)
+
+    def log_probs(self, tokens: Tensor) -> Tensor:
+        return student_log_probs(self.model, tokens, self.env.device)
+
+
+class SelfTeacher:
+    @dataclass
+    class Config:
+        checkpoint: str = ""  # a run dir, its checkpoints/ dir, or one checkpoint dir
+
+    def __init__(self, cfg: Config, env: TeacherEnv) -> None:
+        if not cfg.checkpoint:
+            raise ConfigError(
+                "teacher.checkpoint", cfg.checkpoint, "the run or checkpoint dir of the teacher"
+            )
+        try:
+            self.ckpt = checkpoint.find(cfg.checkpoint)
+        except Exception:
+            raise ConfigError(
+                "teacher.checkpoint", cfg.checkpoint, "an existing archlab run or checkpoint dir"
+            ) from None
+        self.env = env
+        weights = hashlib.sha256((self.ckpt / "model.safetensors").read_bytes()).hexdigest()
+        self._identity = {"plugin": "self", "weights_sha256": weights}
+        saved = OmegaConf.create(torch.load(self.ckpt / "state.pt", weights_only=False)["config"])
+        self.vocab_size = saved.model.vocab_size
+        self.model = None
+
+    def identity(self) -> dict:
+        return self._identity
+
+    def prepare(self) -> None:
+        if self.model is None:
+            self.model = load_student(self.ckpt, self.env.device)
+
+    def log_probs(self, tokens: Tensor) -> Tensor:
+        return student_log_probs(self.model, tokens, self.env.device)

@@ -1,0 +1,103 @@
+"""The soft-target cache: contents equal the teacher's top-k, built once, verified, rebuilt when damaged."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from archlab.data import TokenSplit, stream_windows, windows
+from archlab.errors import ArchlabError
+from archlab.soft_targets import TargetRequest, build_or_load
+
+
+class BigramTeacher:
+    """A fixed random bigram model: next-byte log-probs depend on the current byte only."""
+
+    vocab_size = 256
+
+    def __init__(self) -> None:
+        self.table = torch.log_softmax(torch.randn(256, 256, generator=torch.Generator().manual_seed(0)), -1)
+        self.prepared = 0
+
+    def identity(self) -> dict:
+        return {"plugin": "bigram-test"}
+
+    def prepare(self) -> None:
+        self.prepared += 1
+
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens]
+
+
+@pytest.fixture
+def split(tmp_path) -> TokenSplit:
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 256, 5000, dtype=np.uint8), rng.integers(0, 256, 1000, dtype=np.uint8)
+    return TokenSplit(train, val, {"path": str(tmp_path / "corpus-key")})
+
+
+REQ = TargetRequest(
+    context=16, top_k=8, temperature=2.0, seed=3, train_windows=20, val_windows=5, batch_size=6
+)
+
+
+def test_rows_are_the_teachers_tempered_top_k_of_the_stream(split, tmp_path) -> None:
+    teacher = BigramTeacher()
+    cache = build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    first, count = 7, 4
+    x, y = windows(split.train, stream_windows((5000 - 1) // 16, 3, first, count) * 16, 16)
+    tempered = torch.log_softmax(teacher.table[x] / 2.0, -1)
+    values, ids = tempered.topk(8, dim=-1)
+    got = cache.train(first, count)
+    assert got.ids.equal(ids)
+    torch.testing.assert_close(got.logprobs, values, atol=2e-3, rtol=1e-3)  # stored as float16
+    assert torch.all(got.tail > 0) and torch.all(got.tail < 1)
+    # the teacher's own held-out bpb, at temperature 1
+    xv, yv = windows(split.val, [i * 16 for i in range(5)], 16)
+    nats = -teacher.table[xv].gather(-1, yv[..., None]).sum()
+    assert cache.meta["teacher_val_bpb"] == pytest.approx(float(nats) / (5 * 16) / math.log(2), rel=1e-5)
+    with pytest.raises(ArchlabError, match="covers 20 training windows"):
+        cache.train(18, 4)
+
+
+def test_found_not_rebuilt_and_damage_is_detected(split, tmp_path) -> None:
+    teacher = BigramTeacher()
+    cache = build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    assert teacher.prepared == 1
+    ids_file = cache.path / "train_ids.bin"
+    ids_file.write_bytes(ids_file.read_bytes()[:-10])  # truncated
+    build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    assert teacher.prepared == 2
+    data = bytearray((cache.path / "val_logprobs.bin").read_bytes())
+    data[5] ^= 0xFF  # same size, wrong content
+    (cache.path / "val_logprobs.bin").write_bytes(bytes(data))
+    rebuilt = build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    assert teacher.prepared == 3
+    assert rebuilt.val(0, 5).logprobs.isfinite().all()
+
+
+def test_a_longer_run_extends_and_a_foreign_cache_is_refused(split, tmp_path) -> None:
+    teacher = BigramTeacher()
+    cache = build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    longer = TargetRequest(**{**REQ.__dict__, "train_windows": 40})
+    assert build_or_load(teacher, split, longer, tmp_path, progress=False).meta["train_windows"] == 40
+    assert teacher.prepared == 2
+    meta = json.loads((cache.path / "meta.json").read_text())
+    meta["temperature"] = 1.0  # as if copied over from a cache built at another temperature
+    (cache.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArchlabError, match="built with temperature=1.0, this run asks for 2.0"):
+        build_or_load(teacher, split, REQ, tmp_path, progress=False)
+
+
+def test_k_and_temperature_key_separate_caches(split, tmp_path) -> None:
+    teacher = BigramTeacher()
+    a = build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    b = build_or_load(teacher, split, TargetRequest(**{**REQ.__dict__, "top_k": 4}), tmp_path, progress=False)
+    c = build_or_load(teacher, split, TargetRequest(**{**REQ.__dict__, "temperature": 1.0}), tmp_path, False)
+    assert len({a.path, b.path, c.path}) == 3
+    assert b.train(0, 1).ids.shape[-1] == 4
