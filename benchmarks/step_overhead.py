@@ -79,8 +79,9 @@ StepFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def compose_config(model: str, overrides: Sequence[str]) -> DictConfig:
-    """archlab's composed config, exactly as ``archlab train model=<model> <overrides>`` sees it."""
-    return compose([f"model={model}", *overrides])
+    """archlab's composed config as ``archlab train model=<model> teacher=none objective=ce <overrides>``
+    sees it: the plain model is trained on hard labels, so the student is too."""
+    return compose([f"model={model}", "teacher=none", "objective=ce", *overrides])
 
 
 def check_default_slots(cfg: DictConfig) -> None:
@@ -263,7 +264,8 @@ def build(args: argparse.Namespace) -> Setup:
 def archlab_step_fn(cfg: DictConfig, student: Student) -> StepFn:
     """The trainer's step for one micro-batch: context, objective plugin, aux losses, AdamW."""
     opt = make_optimizer(student, OmegaConf.to_object(cfg.trainer))
-    objective = registry.get("objective", cfg.objective.plugin)(OmegaConf.to_object(cfg.objective))
+    objective_cls, objective_cfg = registry.configured("objective", cfg.objective)
+    objective = objective_cls(objective_cfg)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         opt.zero_grad(set_to_none=True)

@@ -89,7 +89,7 @@ def test_default_composition_names_a_plugin_for_every_model_slot(compose_cfg) ->
     for slot in registry.MODEL_SLOTS:
         assert cfg[slot].plugin == DEFAULT_PLUGINS[slot], slot
     assert cfg.corpus.plugin == "stdlib"
-    assert cfg.objective.plugin == "ce"
+    assert cfg.objective.plugin == "kd" and cfg.teacher.plugin == "ngram"  # the main job distils
     assert (cfg.model.d_model, cfg.model.n_heads) == (128, 4)
     assert cfg.ffn.activation is Activation.swiglu  # the plugin's own typed default
     validate(cfg)

@@ -27,6 +27,8 @@ SMALL = [
     "trainer.progress=false",
     "data.max_bytes=300000",
     "logger=none",
+    "teacher=none",
+    "objective=ce",
 ]
 TEACHER = [
     'teacher.overrides=["model.d_model=48","model.n_layers=1","model.n_heads=2",'

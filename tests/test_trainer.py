@@ -32,6 +32,8 @@ TINY = [
     "trainer.progress=false",
     "data.max_bytes=400000",
     "logger=none",
+    "teacher=none",
+    "objective=ce",
 ]
 
 
