@@ -1,8 +1,9 @@
 """Corpus → byte tokens → deterministic document-level split → memory-mapped cache → batches.
 
-Tokens are bytes (vocab 256), so bits-per-byte stays comparable across architectures.
-Each document ends with a NUL byte (0) as end-of-document marker; corpora never
-contain NUL (binary files are skipped). A document goes to validation when the
+Tokens are bytes (vocab 256) unless the teacher brings its own tokenizer
+(``archlab.tokenizer``); bits-per-byte stays comparable across both. With bytes, each
+document ends with a NUL byte (0) as end-of-document marker; corpora never contain
+NUL (binary files are skipped). A document goes to validation when the
 first 8 bytes of sha256(document id), read as a fraction of 2⁶⁴, fall below
 ``val_fraction``: the split depends on the id alone, so it is stable when documents
 are added. The split is cached under ``cache_dir/corpus/<hash>/`` keyed by the
@@ -20,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,18 +30,28 @@ import torch
 from torch import Tensor
 
 from archlab.errors import ConfigError, CorpusError
+from archlab.tokenizer import ByteTokenizer, Tokenizer, token_dtype
 
 log = logging.getLogger(__name__)
-EOD = b"\x00"
 
 
 @dataclass
 class TokenSplit:
-    """Train and validation tokens (uint8 memory maps) and what they came from."""
+    """Train and validation tokens (memory maps), what they came from and how they were tokenised."""
 
     train: np.ndarray
     val: np.ndarray
     meta: dict
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
+
+    def val_window_bytes(self, context: int, n_windows: int) -> np.ndarray:
+        """UTF-8 bytes that the targets of each validation window stand for (the bpb denominator)."""
+        return np.array(
+            [
+                self.tokenizer.count_bytes(self.val[i * context + 1 : i * context + context + 1])
+                for i in range(n_windows)
+            ]
+        )
 
     def report(self) -> str:
         m = self.meta
@@ -67,13 +78,21 @@ def _atomic_write_dir(final: Path, files: dict[str, bytes]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_split(corpus, *, val_fraction: float, max_bytes: int | None, cache_dir: str | Path) -> TokenSplit:
-    """Read ``corpus``, split it by document and cache the tokens; reuse the cache when it exists."""
+def build_split(
+    corpus,
+    *,
+    val_fraction: float,
+    max_bytes: int | None,
+    cache_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+) -> TokenSplit:
+    """Read ``corpus``, split it by document, tokenise and cache; reuse the cache when it exists."""
+    tokenizer = tokenizer or ByteTokenizer()
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("data.val_fraction", val_fraction, "a fraction strictly between 0 and 1")
     if max_bytes is not None and max_bytes < 1:
         raise ConfigError("data.max_bytes", max_bytes, "a positive number of bytes or null")
-    key = hashlib.sha256(f"v1 {val_fraction} {max_bytes}".encode())
+    key = hashlib.sha256(f"v2 {val_fraction} {max_bytes} {tokenizer.name}".encode())
     budget = {True: math.inf, False: math.inf}  # bytes still allowed into val (True) / train (False)
     if max_bytes is not None:
         budget = {True: val_fraction * max_bytes, False: (1 - val_fraction) * max_bytes}
@@ -85,7 +104,7 @@ def build_split(corpus, *, val_fraction: float, max_bytes: int | None, cache_dir
                 break
             continue
         key.update(doc_id.encode() + b"\x00" + hashlib.sha256(data).digest())
-        (val if is_val else train).append(data + EOD)
+        (val if is_val else train).append(data)
         budget[is_val] -= len(data) + 1
         n_docs, n_val_docs = n_docs + 1, n_val_docs + is_val
     if n_docs == 0:
@@ -97,29 +116,29 @@ def build_split(corpus, *, val_fraction: float, max_bytes: int | None, cache_dir
             f"{len(train)} train / {len(val)} val; add documents or change data.val_fraction"
         )
     path = Path(cache_dir).expanduser() / "corpus" / key.hexdigest()[:20]
-    meta = {
-        "source": corpus.describe(),
-        "documents": n_docs,
-        "val_documents": n_val_docs,
-        "train_tokens": sum(map(len, train)),
-        "val_tokens": sum(map(len, val)),
-        "val_fraction": val_fraction,
-        "path": str(path),
-    }
     if not (path / "meta.json").exists():
-        log.info("caching corpus tokens at %s", path)
-        _atomic_write_dir(
-            path,
-            {
-                "train.bin": b"".join(train),
-                "val.bin": b"".join(val),
-                "meta.json": json.dumps(meta, indent=1).encode(),
-            },
-        )
+        log.info("tokenising the corpus (%s) into %s", tokenizer.name, path)
+        tokens = {"train": tokenizer.encode_documents(train), "val": tokenizer.encode_documents(val)}
+        meta = {
+            "source": corpus.describe(),
+            "tokenizer": tokenizer.name,
+            "dtype": str(token_dtype(tokenizer.vocab_size)),
+            "documents": n_docs,
+            "val_documents": n_val_docs,
+            "bytes": sum(map(len, train)) + sum(map(len, val)),
+            "train_tokens": len(tokens["train"]),
+            "val_tokens": len(tokens["val"]),
+            "val_fraction": val_fraction,
+            "path": str(path),
+        }
+        files = {f"{k}.bin": v.astype(meta["dtype"]).tobytes() for k, v in tokens.items()}
+        _atomic_write_dir(path, {**files, "meta.json": json.dumps(meta, indent=1).encode()})
+    meta = json.loads((path / "meta.json").read_text())
     return TokenSplit(
-        train=np.memmap(path / "train.bin", dtype=np.uint8, mode="r"),
-        val=np.memmap(path / "val.bin", dtype=np.uint8, mode="r"),
+        train=np.memmap(path / "train.bin", dtype=meta["dtype"], mode="r"),
+        val=np.memmap(path / "val.bin", dtype=meta["dtype"], mode="r"),
         meta=meta,
+        tokenizer=tokenizer,
     )
 
 

@@ -220,7 +220,7 @@ def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress:
         val_nats = _fill(teacher, "val", val_rows, req.val_windows, arrays, 1.0, req, bar)
     for array in arrays.values():
         array.flush()
-    meta["teacher_val_bpb"] = val_nats / (req.val_windows * c) / math.log(2)
+    meta["teacher_val_bpb"] = val_nats / split.val_window_bytes(c, req.val_windows).sum() / math.log(2)
     meta["sha256"] = {name: _sha256(tmp / f"{name}.bin") for name in arrays}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     if path.exists():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from archlab import checkpoint, registry
@@ -64,11 +64,32 @@ def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Adam
 
 
 def load_split(cfg: DictConfig) -> TokenSplit:
-    """The run's corpus, tokenised, split and cached as the ``corpus`` and ``data`` configs say."""
+    """The run's corpus, tokenised, split and cached as the ``corpus`` and ``data`` configs say.
+
+    Tokens are bytes unless the teacher brings a tokenizer; then the student's
+    ``model.vocab_size`` becomes the teacher's vocabulary.
+    """
     corpus_cls, corpus_cfg = registry.configured("corpus", cfg.corpus)
+    tokenizer = None
+    if cfg.teacher.plugin != "none":
+        teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
+        if hasattr(teacher_cls, "tokenizer"):
+            tokenizer = teacher_cls.tokenizer(teacher_cfg)
+            if cfg.model.vocab_size != tokenizer.vocab_size:
+                log.info(
+                    "model.vocab_size set to %d, teacher=%s's vocabulary",
+                    tokenizer.vocab_size,
+                    cfg.teacher.plugin,
+                )
+                with open_dict(cfg):
+                    cfg.model.vocab_size = tokenizer.vocab_size
     d = cfg.data
     return build_split(
-        corpus_cls(corpus_cfg), val_fraction=d.val_fraction, max_bytes=d.max_bytes, cache_dir=d.cache_dir
+        corpus_cls(corpus_cfg),
+        val_fraction=d.val_fraction,
+        max_bytes=d.max_bytes,
+        cache_dir=d.cache_dir,
+        tokenizer=tokenizer,
     )
 
 
@@ -119,6 +140,8 @@ class Trainer:
         self.device = resolve_device(self.t.device)
         bf16 = self.t.precision.name == "bf16"
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.split = split or load_split(cfg)
+        log.info(self.split.report())
         torch.manual_seed(cfg.seed)
         self.model = build_student(cfg).to(self.device)
         self.model.kernel = select_kernel(
@@ -127,8 +150,8 @@ class Trainer:
         log.info("attention kernel: %s (%s)", self.model.kernel.name, self.model.kernel.reason)
         objective, objective_cfg = registry.configured("objective", cfg.objective)
         self.objective = objective(objective_cfg)
-        self.split = split or load_split(cfg)
-        log.info(self.split.report())
+        n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
+        self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(cfg, self.split, self.device, self.t, objective_cfg)
         self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -194,7 +217,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss on the fixed validation windows (bits per byte = nats / ln 2 per byte-token);
+        """Held-out loss on the fixed validation windows (bits per byte = nats / ln 2 / UTF-8 bytes);
         with a teacher also KL(teacher ‖ student) and top-1 agreement on the same windows."""
         self.model.eval()
         sums: dict[str, float] = defaultdict(float)
@@ -210,15 +233,15 @@ class Trainer:
                 logits = self.model(x).float()
             sums["nats"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
             sums["count"] += y.numel()
+            sums["bytes"] += float(self.val_bytes[first : first + len(x)].sum())
             if self.targets:
                 soft = self.targets.val(first, len(x)).to(self.device)
                 for name, value in teacher_agreement(logits, soft).items():
                     sums[name] += value * y.numel()
         self.model.train()
-        count = sums.pop("count")
-        nats = sums.pop("nats") / count
+        count, n_bytes, nats = sums.pop("count"), sums.pop("bytes"), sums.pop("nats")
         agreement = {f"val/{k}": v / count for k, v in sums.items()}
-        return {"val/loss": nats, "val/bpb": nats / math.log(2), **agreement}
+        return {"val/loss": nats / count, "val/bpb": nats / n_bytes / math.log(2), **agreement}
 
     def save(self, wandb_id: str | None) -> Path:
         state = {

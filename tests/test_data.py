@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from archlab.baselines.corpus import FilesCorpus, StdlibCorpus
-from archlab.data import EOD, _is_val, build_split, stream_windows, train_batch, val_batches
+from archlab.data import _is_val, build_split, stream_windows, train_batch, val_batches
 from archlab.errors import ConfigError, CorpusError
+from archlab.tokenizer import EOD
 
 
 def write_docs(root, n: int = 40) -> dict[str, bytes]:

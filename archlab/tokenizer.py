@@ -1,0 +1,47 @@
+"""Tokenizers turn documents into the token stream; bytes by default (vocab 256).
+
+A tokenizer offers ``name`` (keys the corpus cache), ``vocab_size``,
+``encode_documents(docs: list[bytes]) -> np.ndarray`` (each document followed by an
+end-of-document token) and ``count_bytes(ids) -> int`` (the UTF-8 bytes a run of
+target tokens stands for, so bits-per-byte stays comparable across tokenizers). A
+teacher plugin with its own vocabulary offers one through ``tokenizer(cfg)`` (see
+``archlab.teacher``); the corpus is then tokenised with it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+EOD = b"\x00"
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+
+    def encode_documents(self, docs: list[bytes]) -> np.ndarray: ...
+
+    def count_bytes(self, ids: np.ndarray) -> int: ...
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding every token id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ValueError(f"vocabulary of {vocab_size} tokens is too large")
+
+
+class ByteTokenizer:
+    """Bytes are tokens; NUL (0, absent from text corpora) ends each document and counts as one byte."""
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode_documents(self, docs: list[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(doc + EOD for doc in docs), dtype=np.uint8)
+
+    def count_bytes(self, ids: np.ndarray) -> int:
+        return int(np.asarray(ids).size)
