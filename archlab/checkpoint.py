@@ -66,3 +66,21 @@ def load(ckpt: Path, model: nn.Module) -> dict:
             f"checkpoint {ckpt} does not fit this model: missing {missing}, unexpected {unexpected}"
         )
     return torch.load(ckpt / "state.pt", weights_only=False)
+
+
+def saved_config(ckpt: Path):
+    """The resolved archlab config stored with checkpoint ``ckpt``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")["config"])
+
+
+def load_student(ckpt: Path, device: torch.device):
+    """The archlab student saved in checkpoint ``ckpt`` (built from the config stored with it), frozen."""
+    from archlab.kernels import select_kernel
+    from archlab.model import build_student
+
+    model = build_student(saved_config(ckpt))
+    load(ckpt, model)
+    model.kernel = select_kernel("auto", device, torch.float32, model.dims.head_dim)
+    return model.to(device).eval().requires_grad_(False)

@@ -26,6 +26,8 @@ commands:
   train [OVERRIDES]   train a student; Hydra overrides, e.g. attention=mha ffn=relu2
                       trainer.max_steps=20; -m for a multirun sweep; --help for the config
   plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
+  generate CHECKPOINT --prompt TEXT [--temperature T --top-k K --top-p P]
+                      continue a prompt with a trained student (KV-cache decoding)
   teacher build [OVERRIDES]
                       build the configured teacher and its soft-target cache once, so that
                       later runs and sweeps with the same overrides only read them
@@ -115,6 +117,65 @@ def teacher(args: list[str]) -> int:
     return 0
 
 
+def generate(args: list[str]) -> int:
+    """``archlab generate CHECKPOINT --prompt TEXT``: continue a prompt with a trained student."""
+    parser = argparse.ArgumentParser(
+        prog="archlab generate", description="Continue a prompt with a trained student (KV-cache decoding)."
+    )
+    parser.add_argument("checkpoint", help="a run dir, its checkpoints/ dir, or one checkpoint dir")
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+    parser.add_argument("--device", default="auto")
+    opts = parser.parse_args(args)
+    for key, bad, allowed in (
+        ("--max-new-tokens", opts.max_new_tokens < 1, "a positive integer"),
+        ("--temperature", opts.temperature < 0, "a number >= 0"),
+        ("--top-k", opts.top_k < 0, "an integer >= 0"),
+        ("--top-p", not 0 < opts.top_p <= 1, "a number in (0, 1]"),
+    ):
+        if bad:
+            raise ConfigError(key, getattr(opts, key[2:].replace("-", "_")), allowed)
+    import time
+
+    import torch
+
+    from archlab import checkpoint
+    from archlab.generate import generate as run_generation
+    from archlab.trainer import resolve_device, tokenizer_for
+
+    ckpt = checkpoint.find(opts.checkpoint)
+    device = resolve_device(opts.device)
+    model = checkpoint.load_student(ckpt, device)
+    tokenizer = tokenizer_for(checkpoint.saved_config(ckpt))
+    prompt = torch.tensor([tokenizer.encode(opts.prompt)], device=device)
+    if prompt.shape[1] == 0:
+        raise ConfigError("--prompt", opts.prompt, "text that encodes to at least one token")
+    start = time.perf_counter()
+    out = run_generation(
+        model,
+        prompt,
+        opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        generator=torch.Generator(device).manual_seed(opts.seed),
+        use_cache=not opts.no_cache,
+    )
+    seconds = time.perf_counter() - start
+    print(opts.prompt + tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
+    print(
+        f"[{opts.max_new_tokens} tokens in {seconds:.2f} s, {opts.max_new_tokens / seconds:.1f} tokens/s, "
+        f"{'no cache' if opts.no_cache else 'KV cache'}; {ckpt}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _fields(plugin: type) -> str:
     parts = []
     for f in dataclasses.fields(plugin.Config):
@@ -162,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return plugins(rest)
         if command == "teacher":
             return teacher(rest)
+        if command == "generate":
+            return generate(rest)
         if command == "--version":
             print(f"archlab {__version__}")
             return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,12 +35,51 @@ class ModelDims:
             raise ConfigError("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model}")
 
 
+class KVCache:
+    """Decode state of one generation: what each attention module keeps per token, and the offset.
+
+    An attention plugin calls ``ctx.cache.append(self, *tensors)`` with the tensors it
+    keeps for the new tokens, shaped ``(..., t, x)``; it gets back the full tensors
+    ``(..., offset + t, x)`` for every token so far. Buffers grow by doubling, so decoding
+    n tokens copies O(n) elements, not O(n²). ``offset`` (tokens already cached) is
+    advanced by the student after each forward.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self._buffers: dict[int, list[Tensor]] = {}
+        self._lengths: dict[int, int] = {}
+
+    def append(self, module: object, *new: Tensor) -> tuple[Tensor, ...]:
+        key, t = id(module), new[0].shape[-2]
+        length = self._lengths.get(key, 0)
+        buffers = self._buffers.get(key)
+        if buffers is None or length + t > buffers[0].shape[-2]:
+            capacity = max(length + t, 2 * (buffers[0].shape[-2] if buffers else 32))
+            grown = [x.new_empty(*x.shape[:-2], capacity, x.shape[-1]) for x in new]
+            for old, buf in zip(buffers or [], grown, strict=False):
+                buf[..., :length, :] = old[..., :length, :]
+            buffers = self._buffers[key] = grown
+        for buf, x in zip(buffers, new, strict=True):
+            buf[..., length : length + t, :] = x
+        self._lengths[key] = length + t
+        return tuple(buf[..., : length + t, :] for buf in buffers)
+
+    def elements_per_token(self) -> int:
+        """Cached elements per token per sequence, summed over modules (for checking accounting)."""
+        return sum(
+            math.prod(buf.shape[1:-2]) * buf.shape[-1] for bufs in self._buffers.values() for buf in bufs
+        )
+
+
 @dataclass
 class ForwardContext:
     """Per-forward state handed to every sublayer.
 
     ``rotate`` applies the position plugin to queries/keys at ``positions``;
-    ``attend`` is the attention kernel chosen for this run (see ``archlab.kernels``).
+    ``attend`` is the attention kernel chosen for this run (see ``archlab.kernels``);
+    it is causal, aligned so the last query sees every key. ``cache`` is set while
+    generating: attention plugins append what they keep per token to it.
     Sublayers report auxiliary losses with ``add_loss(name, value, weight)``: the
     trainer adds ``weight * value`` to the objective and logs each name. Metrics
     reported with ``add_metric`` are averaged over the sublayers that report them.
@@ -48,6 +88,7 @@ class ForwardContext:
     positions: Tensor
     rotate: Callable[[Tensor, Tensor], Tensor]
     attend: Callable[[Tensor, Tensor, Tensor], Tensor]
+    cache: KVCache | None = None
     losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
     _metrics: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
 
@@ -75,6 +116,6 @@ class ForwardContext:
         return out
 
 
-def positions_for(tokens: Tensor) -> Tensor:
-    """Positions 0..t-1 of a (b, t) batch, on its device."""
-    return torch.arange(tokens.shape[1], device=tokens.device)
+def positions_for(tokens: Tensor, offset: int = 0) -> Tensor:
+    """Positions offset..offset+t-1 of a (b, t) batch, on its device."""
+    return torch.arange(offset, offset + tokens.shape[1], device=tokens.device)

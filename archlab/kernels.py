@@ -25,7 +25,9 @@ BACKENDS = ("auto", "xformers", "sdpa", "eager")
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Reference: softmax(q kᵀ / sqrt(k) + causal mask) v, computed in float32."""
+    """Reference: softmax(q kᵀ / sqrt(k) + causal mask) v in float32.
+
+    Query i of t_q sees keys 0..t_k − t_q + i (bottom-right aligned, for cached decoding)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # b h t t
@@ -36,8 +38,17 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """PyTorch's fused scaled-dot-product attention (any device)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    """PyTorch's fused scaled-dot-product attention (any device).
+
+    SDPA's ``is_causal`` aligns the mask top-left; with cached keys (t_q < t_k) the mask
+    must be aligned bottom-right, so one query sees every key and longer blocks get an
+    explicit mask.
+    """
+    t_q, t_k, gqa = q.shape[2], k.shape[2], k.shape[1] != q.shape[1]
+    if t_q == t_k or t_q == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=t_q > 1, enable_gqa=gqa)
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -48,7 +59,10 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q5 = rearrange(q, "b (g r) t k -> b t g r k", g=g)
     k5 = rearrange(k, "b g t k -> b t g 1 k").expand_as(q5)
     v5 = rearrange(v, "b g t k -> b t g 1 k").expand(*q5.shape[:-1], v.shape[-1])
-    y = xops.memory_efficient_attention(q5, k5, v5, attn_bias=xops.LowerTriangularMask())
+    bias = (
+        xops.LowerTriangularFromBottomRightMask() if k.shape[2] != q.shape[2] else xops.LowerTriangularMask()
+    )
+    y = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
     return rearrange(y, "b t g r k -> b (g r) t k")
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from archlab import registry
-from archlab.context import ForwardContext, ModelDims, positions_for
+from archlab.context import ForwardContext, KVCache, ModelDims, positions_for
 from archlab.errors import ConfigError
 from archlab.kernels import Kernel
 
@@ -85,20 +85,29 @@ class Student(nn.Module):
         self.head = head.cls(head.cfg, dims, embedding=self.embed, linear=linear)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def new_context(self, tokens: Tensor) -> ForwardContext:
+    def new_context(self, tokens: Tensor, cache: KVCache | None = None) -> ForwardContext:
+        offset = cache.offset if cache is not None else 0
         return ForwardContext(
-            positions=positions_for(tokens), rotate=self.position.rotate, attend=self.kernel.fn
+            positions=positions_for(tokens, offset),
+            rotate=self.position.rotate,
+            attend=self.kernel.fn,
+            cache=cache,
         )
 
-    def forward(self, tokens: Tensor, ctx: ForwardContext | None = None) -> Tensor:
-        """tokens: (b, t) int64 -> logits (b, t, vocab)"""
-        if tokens.shape[1] > self.dims.context:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed model.context={self.dims.context}")
-        ctx = ctx if ctx is not None else self.new_context(tokens)
+    def forward(
+        self, tokens: Tensor, ctx: ForwardContext | None = None, *, cache: KVCache | None = None
+    ) -> Tensor:
+        """tokens: (b, t) int64 -> logits (b, t, vocab); with ``cache``, tokens continue the cached ones."""
+        ctx = ctx if ctx is not None else self.new_context(tokens, cache)
+        end = (ctx.cache.offset if ctx.cache is not None else 0) + tokens.shape[1]
+        if end > self.dims.context:
+            raise ValueError(f"{end} tokens exceed model.context={self.dims.context}")
         state = self.residual.begin(self.embed(tokens))
         for i, (norm, sublayer) in enumerate(zip(self.norms, self.sublayers, strict=True)):
             y = sublayer(norm(self.residual.read(state, i)), ctx)
             state = self.residual.write(state, i, y)
+        if ctx.cache is not None:
+            ctx.cache.offset += tokens.shape[1]
         return self.head(self.final_norm(self.residual.final(state)), ctx)
 
 

@@ -44,21 +44,6 @@ class TeacherEnv:
         return Path(self.split.meta["path"]).name
 
 
-def load_student(ckpt: Path, device: torch.device):
-    """The archlab student saved in checkpoint ``ckpt`` (built from the config stored with it), frozen."""
-    from omegaconf import OmegaConf
-
-    from archlab import checkpoint
-    from archlab.kernels import select_kernel
-    from archlab.model import build_student
-
-    state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
-    model = build_student(OmegaConf.create(state["config"]))
-    checkpoint.load(ckpt, model)
-    model.kernel = select_kernel("auto", device, torch.float32, model.dims.head_dim)
-    return model.to(device).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def student_log_probs(model, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Next-token log-probabilities of an archlab student: (b, t) -> (b, t, V) float32."""

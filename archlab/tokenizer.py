@@ -2,7 +2,8 @@
 
 A tokenizer offers ``name`` (keys the corpus cache), ``vocab_size``,
 ``encode_documents(docs: list[bytes]) -> np.ndarray`` (each document followed by an
-end-of-document token) and ``count_bytes(ids) -> int`` (the UTF-8 bytes a run of
+end-of-document token), ``encode(text)``/``decode(ids)`` for prompts and generations,
+and ``count_bytes(ids) -> int`` (the UTF-8 bytes a run of
 target tokens stands for, so bits-per-byte stays comparable across tokenizers). A
 teacher plugin with its own vocabulary offers one through ``tokenizer(cfg)`` (see
 ``archlab.teacher``); the corpus is then tokenised with it.
@@ -25,6 +26,10 @@ class Tokenizer(Protocol):
 
     def count_bytes(self, ids: np.ndarray) -> int: ...
 
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype holding every token id."""
@@ -45,3 +50,9 @@ class ByteTokenizer:
 
     def count_bytes(self, ids: np.ndarray) -> int:
         return int(np.asarray(ids).size)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")

@@ -31,6 +31,7 @@ from archlab.metrics import model_metrics
 from archlab.model import build_student
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.teacher import TeacherEnv
+from archlab.tokenizer import ByteTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,15 @@ def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
+def tokenizer_for(cfg: DictConfig) -> Tokenizer:
+    """Bytes, unless the configured teacher brings its own tokenizer (``tokenizer(cfg)``)."""
+    if cfg.teacher.plugin != "none":
+        teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
+        if hasattr(teacher_cls, "tokenizer"):
+            return teacher_cls.tokenizer(teacher_cfg)
+    return ByteTokenizer()
+
+
 def load_split(cfg: DictConfig) -> TokenSplit:
     """The run's corpus, tokenised, split and cached as the ``corpus`` and ``data`` configs say.
 
@@ -70,19 +80,13 @@ def load_split(cfg: DictConfig) -> TokenSplit:
     ``model.vocab_size`` becomes the teacher's vocabulary.
     """
     corpus_cls, corpus_cfg = registry.configured("corpus", cfg.corpus)
-    tokenizer = None
-    if cfg.teacher.plugin != "none":
-        teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
-        if hasattr(teacher_cls, "tokenizer"):
-            tokenizer = teacher_cls.tokenizer(teacher_cfg)
-            if cfg.model.vocab_size != tokenizer.vocab_size:
-                log.info(
-                    "model.vocab_size set to %d, teacher=%s's vocabulary",
-                    tokenizer.vocab_size,
-                    cfg.teacher.plugin,
-                )
-                with open_dict(cfg):
-                    cfg.model.vocab_size = tokenizer.vocab_size
+    tokenizer = tokenizer_for(cfg)
+    if tokenizer.name != ByteTokenizer.name and cfg.model.vocab_size != tokenizer.vocab_size:
+        log.info(
+            "model.vocab_size set to %d, teacher=%s's vocabulary", tokenizer.vocab_size, cfg.teacher.plugin
+        )
+        with open_dict(cfg):
+            cfg.model.vocab_size = tokenizer.vocab_size
     d = cfg.data
     return build_split(
         corpus_cls(corpus_cfg),

@@ -9,12 +9,14 @@ site directory would. Nothing patches ``importlib.metadata.entry_points``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -186,3 +188,16 @@ def run_cli(tmp_path: Path, cli_runner: Callable[..., subprocess.CompletedProces
         return cli_runner(*args, cwd=tmp_path, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def bench(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
+    """``benchmarks/<BENCHMARK>.py`` (BENCHMARK set by the test module) imported as a module."""
+    name = request.module.BENCHMARK
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+BENCHMARK = "step_overhead"
 TINY = [
     "--steps",
     "2",
@@ -27,16 +23,6 @@ TINY = [
     "model.n_heads=2",
     "model.context=32",
 ]
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 def test_benchmark_runs_checks_equivalence_and_writes_json(bench, tmp_path, capsys):

@@ -161,7 +161,7 @@ def test_plugins_lists_every_slot_with_its_distribution(run_cli) -> None:
         "position": ["none", "rope"],
         "head": ["lm"],
         "corpus": ["files", "stdlib"],
-        "teacher": ["ngram", "self", "trained"],
+        "teacher": ["hf", "ngram", "self", "trained"],
         "objective": ["ce", "kd"],
     }.items():
         for name in names:

@@ -80,3 +80,14 @@ def test_cpu_run_with_xformers_installed_is_silent() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""
+
+
+def test_cached_queries_are_aligned_bottom_right() -> None:
+    """With t_q < t_k (keys cached), query i sees keys up to t_k − t_q + i, in every kernel."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    full_q = torch.cat((torch.randn(1, 4, 4, 8), q), dim=2)
+    expected = plain_causal_attention(full_q, k, v)[:, :, 4:]
+    torch.testing.assert_close(eager_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa_attention(q[:, :, -1:], k, v), expected[:, :, -1:], atol=1e-5, rtol=1e-5)

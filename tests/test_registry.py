@@ -21,7 +21,7 @@ BASELINES = {
     "position": {"rope", "none"},
     "head": {"lm"},
     "corpus": {"stdlib", "files"},
-    "teacher": {"ngram", "self", "trained"},
+    "teacher": {"ngram", "self", "trained", "hf"},
     "objective": {"ce", "kd"},
 }
 

@@ -19,6 +19,8 @@ from archlab.errors import ConfigError
 
 
 class MultiHeadAttention(nn.Module):
+    supports_kv_cache = True
+
     @dataclass
     class Config:
         n_kv_heads: int | None = None  # None: one KV head per query head (plain MHA)
@@ -45,6 +47,8 @@ class MultiHeadAttention(nn.Module):
         k = rearrange(k, "b t (g k) -> b g t k", g=self.n_kv_heads)
         v = rearrange(v, "b t (g k) -> b g t k", g=self.n_kv_heads)
         q, k = ctx.rotate(q, ctx.positions), ctx.rotate(k, ctx.positions)
+        if ctx.cache is not None:
+            k, v = ctx.cache.append(self, k, v)  # b g (cached + t) k
         y = ctx.attend(q, k, v)
         return self.out(rearrange(y, "b h t k -> b t (h k)"))
 

@@ -133,7 +133,7 @@ class Distillation:
     class Config:
         divergence: Divergence = Divergence.forward_kl
         beta: float = 0.5  # jsd only: 0 = forward_kl, 1 = reverse_kl (TRL convention)
-        temperature: float = 1.0  # must equal the temperature the teacher cache was built at
+        temperature: float = 1.0  # the shared soft targets are cached at this temperature too
         alpha: float = 1.0  # weight of the distillation term; 1 − alpha goes to hard-label ce
 
         def validate(self, dims: ModelDims | None = None) -> None:
@@ -167,7 +167,8 @@ class Distillation:
         if self.alpha < 1.0:
             loss = loss + (1.0 - self.alpha) * F.cross_entropy(z, y)
         if self.alpha > 0.0:
-            logp, logq = bucketed(F.log_softmax(z / self.temperature, dim=-1), soft)
+            zt = z if self.temperature == 1.0 else z / self.temperature  # skip a full-size pass at τ = 1
+            logp, logq = bucketed(F.log_softmax(zt, dim=-1), soft)
             d = divergence(logp, logq, self.divergence, self.beta).mean()
             loss = loss + self.alpha * self.temperature**2 * d
         return loss

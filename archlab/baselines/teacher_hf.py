@@ -62,6 +62,12 @@ class HFTokenizer:
         ids = [i for encoded in self.tok(texts)["input_ids"] for i in [*encoded, self.tok.eos_token_id]]
         return np.asarray(ids, dtype=token_dtype(self.vocab_size))
 
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
     def count_bytes(self, ids: np.ndarray) -> int:
         return len(self.tok.decode(np.asarray(ids).tolist(), skip_special_tokens=True).encode("utf-8"))
 

@@ -19,14 +19,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
 from torch import Tensor
 
 from archlab import checkpoint
+from archlab.checkpoint import load_student
 from archlab.errors import ConfigError
-from archlab.teacher import TeacherEnv, load_student, student_log_probs
+from archlab.teacher import TeacherEnv, student_log_probs
 
 #: The default teacher: 2.7 M non-embedding parameters (3.3x the tiny student), ~8 min on 2 CPU cores.
 DEFAULT_OVERRIDES = [
@@ -117,8 +117,7 @@ class SelfTeacher:
         self.env = env
         weights = hashlib.sha256((self.ckpt / "model.safetensors").read_bytes()).hexdigest()
         self._identity = {"plugin": "self", "weights_sha256": weights}
-        saved = OmegaConf.create(torch.load(self.ckpt / "state.pt", weights_only=False)["config"])
-        self.vocab_size = saved.model.vocab_size
+        self.vocab_size = checkpoint.saved_config(self.ckpt).model.vocab_size
         self.model = None
 
     def identity(self) -> dict:
