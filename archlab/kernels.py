@@ -1,7 +1,8 @@
 """One entry point for causal attention: xformers on CUDA, PyTorch SDPA elsewhere, eager as reference.
 
-Inputs are ``q: (b, h, t, k)`` and ``k, v: (b, g, t, k)`` with ``g`` KV heads dividing
-``h`` (GQA; Ainslie et al. 2023, arXiv 2305.13245). The kernel is chosen once per
+Inputs are ``q: (b, h, t, k)``, ``k: (b, g, t, k)`` and ``v: (b, g, t, kv)`` with ``g``
+KV heads dividing ``h`` (GQA; Ainslie et al. 2023, arXiv 2305.13245); v's head size may
+differ (MLA). The softmax scale is 1/sqrt(k). The kernel is chosen once per
 run by ``select_kernel`` and logged; xformers is imported only on CUDA, so CPU
 runs never see its "can't load C++/CUDA extensions" warning.
 """
@@ -66,7 +67,26 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return rearrange(y, "b t g r k -> b (g r) t k")
 
 
-_FUNCTIONS = {"xformers": xformers_attention, "sdpa": sdpa_attention, "eager": eager_attention}
+_UNSUPPORTED_BY_XFORMERS: set[tuple] = set()
+
+
+def xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """xformers where it supports these shapes (e.g. MLA's q/k and v head sizes differ), else SDPA.
+
+    The run's probe checks one shape; a plugin may call with others. The first refusal
+    per shape is logged once and that shape goes to SDPA from then on.
+    """
+    key = (q.shape[-1], v.shape[-1], q.dtype, q.shape[2] == k.shape[2])
+    if key not in _UNSUPPORTED_BY_XFORMERS:
+        try:
+            return xformers_attention(q, k, v)
+        except (NotImplementedError, ValueError) as exc:
+            _UNSUPPORTED_BY_XFORMERS.add(key)
+            log.warning("xformers does not support %s; using SDPA for it: %s", key, str(exc).splitlines()[0])
+    return sdpa_attention(q, k, v)
+
+
+_FUNCTIONS = {"xformers": xformers_or_sdpa, "sdpa": sdpa_attention, "eager": eager_attention}
 
 
 @dataclass

@@ -91,3 +91,16 @@ def test_cached_queries_are_aligned_bottom_right() -> None:
     torch.testing.assert_close(eager_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sdpa_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sdpa_attention(q[:, :, -1:], k, v), expected[:, :, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_xformers_refuses_go_to_sdpa_once_logged(caplog) -> None:
+    """On CPU every shape is refused by the real xformers: the result is SDPA's, logged once per shape."""
+    pytest.importorskip("xformers.ops")
+    from archlab.kernels import xformers_or_sdpa
+
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    with caplog.at_level("WARNING", logger="archlab.kernels"):
+        first, second = xformers_or_sdpa(q, k, v), xformers_or_sdpa(q, k, v)
+    torch.testing.assert_close(first, sdpa_attention(q, k, v))
+    torch.testing.assert_close(second, first)
+    assert sum("using SDPA" in r.message for r in caplog.records) == 1

@@ -1,0 +1,1 @@
+"""Attention slot plugins: ``mla`` (Multi-head Latent Attention)."""
