@@ -40,7 +40,7 @@ def run_info(cfg: DictConfig):
 
     hc = HydraConfig.get()
     choices = hc.runtime.choices
-    tags = [f"{slot}={choices[slot]}" for slot in registry.SLOTS if slot in choices]
+    tags = [f"{group}={choice}" for group, choice in choices.items() if not group.startswith("hydra")]
     group = None
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir)

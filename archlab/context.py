@@ -41,12 +41,13 @@ class KVCache:
     An attention plugin calls ``ctx.cache.append(self, *tensors)`` with the tensors it
     keeps for the new tokens, shaped ``(..., t, x)``; it gets back the full tensors
     ``(..., offset + t, x)`` for every token so far. Buffers grow by doubling, so decoding
-    n tokens copies O(n) elements, not O(n²). ``offset`` (tokens already cached) is
+    n tokens copies O(n) elements, not O(n²), and never beyond ``max_tokens`` (the model's
+    context, when given). ``offset`` (tokens already cached) is
     advanced by the student after each forward.
     """
 
-    def __init__(self) -> None:
-        self.offset = 0
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.offset, self.max_tokens = 0, max_tokens
         self._buffers: dict[int, list[Tensor]] = {}
         self._lengths: dict[int, int] = {}
 
@@ -56,6 +57,7 @@ class KVCache:
         buffers = self._buffers.get(key)
         if buffers is None or length + t > buffers[0].shape[-2]:
             capacity = max(length + t, 2 * (buffers[0].shape[-2] if buffers else 32))
+            capacity = min(capacity, max(self.max_tokens or capacity, length + t))
             grown = [x.new_empty(*x.shape[:-2], capacity, x.shape[-1]) for x in new]
             for old, buf in zip(buffers or [], grown, strict=False):
                 buf[..., :length, :] = old[..., :length, :]

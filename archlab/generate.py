@@ -67,7 +67,7 @@ def generate(
             "this student's attention plugin has no KV cache; generate without it (--no-cache)"
         )
     model.eval()
-    cache = KVCache() if use_cache else None
+    cache = KVCache(model.dims.context) if use_cache else None
     tokens, fresh = prompt, prompt
     for _ in range(max_new_tokens):
         logits = model(fresh if use_cache else tokens, cache=cache)[:, -1].float()

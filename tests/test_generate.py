@@ -123,3 +123,11 @@ def test_generate_cli_continues_a_prompt_from_a_checkpoint(tmp_path) -> None:
     assert result.stdout.startswith("def f(") and "10 tokens in" in result.stderr
     bad = subprocess.run([*cmd, "--top-p", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--top-p=0.0 is not allowed" in bad.stderr
+
+
+def test_cache_capacity_stops_at_max_tokens() -> None:
+    cache, module = KVCache(max_tokens=40), object()
+    cache.append(module, torch.zeros(1, 2, 30, 4))
+    (k,) = cache.append(module, torch.ones(1, 2, 1, 4))
+    assert k.shape == (1, 2, 31, 4) and k[..., 30, :].eq(1).all() and k[..., :30, :].eq(0).all()
+    assert cache._buffers[id(module)][0].shape[-2] == 40  # not doubled to 60
