@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -60,6 +59,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from timing import publish
 from torch import Tensor
 
 from archlab import registry
@@ -444,11 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.no_cache_check:
         time_decode(variants, min(args.contexts), args, cached=False)
     results = summarise(variants, reference, args)
-    print(format_report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return publish(results, format_report(results), args.json)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import gc
-import json
 import shutil
 import statistics
 import sys
@@ -78,6 +76,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timing import interleaved, publish
 
 from archlab import registry
 from archlab.config import compose, validate
@@ -290,26 +289,9 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def time_step(trainer: Trainer) -> float:
-    start = time.perf_counter()
+def time_step(trainer: Trainer) -> None:
     trainer.train_step()
     sync(trainer.device)
-    return time.perf_counter() - start
-
-
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each function per repeat, one call each, alternating the order; gc paused."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
-                times[name].append(fns[name]())
-    finally:
-        gc.enable()
-    return times
 
 
 def step_rows(times: dict[str, list[float]], tokens: int) -> dict:
@@ -336,28 +318,21 @@ def breakdown(kd: Trainer, ce: Trainer, repeats: int) -> dict:
         logits = kd.model(x)
     state = {"read": 0}
 
-    def read() -> float:
+    def read() -> None:
         first = (state["read"] * t.batch_size) % max(1, n_windows - t.batch_size + 1)
         state["read"] += 1
-        start = time.perf_counter()
         kd.targets.train(first, t.batch_size).to(kd.device)
         sync(kd.device)
-        return time.perf_counter() - start
 
-    def objective(trainer: Trainer, teacher: SoftTargets | None) -> Callable[[], float]:
-        def run() -> float:
-            z = logits.detach().requires_grad_()
-            start = time.perf_counter()
-            trainer.objective(z, y, teacher).backward()
+    def objective(trainer: Trainer, teacher: SoftTargets | None) -> Callable[[], None]:
+        def run() -> None:
+            trainer.objective(logits.detach().requires_grad_(), y, teacher).backward()
             sync(kd.device)
-            return time.perf_counter() - start
 
         return run
 
     fns = {"read": read, "kd_objective": objective(kd, soft), "ce_objective": objective(ce, None)}
-    for fn in fns.values():  # warmup
-        fn()
-    times = interleaved(fns, repeats)
+    times = interleaved(fns, repeats, warmup=1)
     ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     ms["objective_extra"] = ms["kd_objective"] - ms["ce_objective"]
     ms["explained_extra"] = ms["read"] + ms["objective_extra"]
@@ -671,11 +646,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "step": step,
             "sweep": sweep(args, root, split),
         }
-    print(format_report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return publish(results, format_report(results), args.json)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ The exit code is 0 whatever the ratio; the last line says whether the target was
 from __future__ import annotations
 
 import argparse
-import gc
-import json
+import functools
 import math
 import statistics
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from timing import interleaved, publish
 from torch import Tensor, nn
 
 from archlab import registry
@@ -301,30 +301,6 @@ def plain_step_fn(t: TrainerConfig, plain: PlainGPT) -> StepFn:
 # --------------------------------------------------------------------------- timing
 
 
-def time_once(step: StepFn, x: Tensor, y: Tensor) -> float:
-    start = time.perf_counter()
-    step(x, y)
-    return time.perf_counter() - start
-
-
-def interleaved(steps: dict[str, StepFn], x: Tensor, y: Tensor, repeats: int, warmup: int) -> dict:
-    """Seconds per step of each function, one step each per repeat, alternating the order."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name](x, y)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
-                times[name].append(time_once(steps[name], x, y))
-    finally:
-        gc.enable()
-    return times
-
-
 def matmul_peak_gflops(n: int, repeats: int = 7) -> float:
     """Float32 GFLOP/s of an n×n by n×n ``torch.mm`` (median of ``repeats`` after one warmup)."""
     a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
@@ -446,13 +422,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "archlab": archlab_step_fn(setup.cfg, setup.student),
         "plain": plain_step_fn(OmegaConf.to_object(setup.cfg.trainer), setup.plain),
     }
-    times = interleaved(steps, setup.x, setup.y, args.steps, args.warmup)
+    times = interleaved(
+        {n: functools.partial(f, setup.x, setup.y) for n, f in steps.items()}, args.steps, args.warmup
+    )
     results = summarise(setup, times, matmul_peak_gflops(args.peak_size), args)
-    print(format_report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return publish(results, format_report(results), args.json)
 
 
 if __name__ == "__main__":

@@ -195,9 +195,11 @@ def bench(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
     """``benchmarks/<BENCHMARK>.py`` (BENCHMARK set by the test module) imported as a module."""
     name = request.module.BENCHMARK
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    sys.path.insert(0, str(script.parent))  # as `python benchmarks/NAME.py` has it: for benchmarks/timing.py
     spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+    sys.path.remove(str(script.parent))
