@@ -191,7 +191,7 @@ def plugins(args: list[str]) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if any plugin is broken")
     opts = parser.parse_args(args)
     broken = 0
-    for slot in registry.SLOTS:
+    for slot in registry.SLOTS + registry.PART_SLOTS:
         found = registry.plugins(slot)
         print(f"{slot}:" + ("" if found else " (none installed)"))
         for name, plugin in sorted(found.items()):

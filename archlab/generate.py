@@ -62,6 +62,12 @@ def generate(
             f"prompt ({prompt.shape[1]} tokens) + {max_new_tokens} new tokens exceed the model's "
             f"context of {model.dims.context}; shorten the prompt or generate fewer tokens"
         )
+    non_causal = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False})
+    if non_causal:
+        raise ArchlabError(
+            f"{', '.join(non_causal)} is not causal (it reads later tokens), so this student "
+            "cannot generate; train it with a causal choice"
+        )
     if use_cache and not supports_kv_cache(model):
         raise ArchlabError(
             "this student's attention plugin has no KV cache; generate without it (--no-cache)"

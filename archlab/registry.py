@@ -28,6 +28,9 @@ MODEL_SLOTS = ("attention", "ffn", "residual", "linear", "norm", "position", "he
 #: Slots of the pipeline around the student.
 PIPELINE_SLOTS = ("corpus", "teacher", "objective")
 SLOTS = MODEL_SLOTS + PIPELINE_SLOTS
+#: Parts that a plugin composes from its own config (an MoE layer's router): discovered the
+#: same way, but chosen by a field of that plugin's config rather than a Hydra group.
+PART_SLOTS = ("router",)
 #: Entry-point group through which a distribution adds Hydra presets (``pkg://`` paths).
 PRESETS_GROUP = "archlab.presets"
 
@@ -87,8 +90,8 @@ def strict() -> bool:
 @cache
 def plugins(slot: str) -> dict[str, Plugin]:
     """All plugins announced for ``slot``, by name (not yet imported)."""
-    if slot not in SLOTS:
-        raise ConfigError(slot, "?", f"one of the slots {', '.join(SLOTS)}")
+    if slot not in SLOTS + PART_SLOTS:
+        raise ConfigError(slot, "?", f"one of the slots {', '.join(SLOTS + PART_SLOTS)}")
     found: dict[str, Plugin] = {}
     for ep in entry_points(group=f"archlab.{slot}"):
         plugin = Plugin(slot, ep.name, ep)

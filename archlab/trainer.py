@@ -157,6 +157,7 @@ class Trainer:
         n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
         self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(cfg, self.split, self.device, self.t, objective_cfg)
+        self.step_hooks = [m for m in self.model.modules() if hasattr(m, "on_step_end")]
         self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.t)
@@ -199,6 +200,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        for module in self.step_hooks:  # updates outside the optimizer, e.g. MoE balancing biases
+            module.on_step_end()
         self.step += 1
         return {
             **{f"train/{k}": v for k, v in sums.items()},
@@ -304,7 +307,7 @@ class Trainer:
 
     def _loop(self, loggers: Loggers, static: dict) -> dict:
         loggers.log(static, self.step)
-        t, train_time, val, first = self.t, 0.0, {}, self.step
+        t, train_time, val, first, metrics = self.t, 0.0, {}, self.step, {}
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
@@ -336,6 +339,7 @@ class Trainer:
         done = self.step - first
         return {
             **static,
+            **metrics,  # the last step's training metrics (loss, plugins' routing metrics, ...)
             **val,
             "train/steps": self.step,
             "train/tokens": self.tokens_seen,

@@ -131,3 +131,10 @@ def test_cache_capacity_stops_at_max_tokens() -> None:
     (k,) = cache.append(module, torch.ones(1, 2, 1, 4))
     assert k.shape == (1, 2, 31, 4) and k[..., 30, :].eq(1).all() and k[..., :30, :].eq(0).all()
     assert cache._buffers[id(module)][0].shape[-2] == 40  # not doubled to 60
+
+
+def test_a_non_causal_module_cannot_generate() -> None:
+    model = student([])
+    model.sublayers[1].is_causal = False  # as an expert-choice router declares
+    with pytest.raises(ArchlabError, match="MLP is not causal"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 2)

@@ -196,3 +196,14 @@ def test_aux_losses_reach_the_objective_through_the_context(tmp_path, cache_dir)
     assert metrics["train/aux/l2"] == pytest.approx(sum(reported), rel=1e-5)
     assert metrics["train/total_loss"] == pytest.approx(metrics["train/loss"] + 0.5 * sum(reported), rel=1e-5)
     assert metrics["train/ffn_rms"] == pytest.approx(sum(r**0.5 for r in reported) / 2, rel=1e-5)
+
+
+def test_modules_get_a_hook_after_each_optimizer_step(tmp_path, cache_dir) -> None:
+    """`on_step_end()` runs once per optimizer step, after the update (e.g. MoE bias balancing)."""
+    trainer = make_trainer(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.grad_accum=2")
+    calls = []
+    ffn = trainer.model.sublayers[1]
+    ffn.on_step_end = lambda: calls.append(trainer.optimizer.state_dict()["state"][0]["step"].item())
+    trainer.step_hooks = [ffn]
+    trainer.train_step(), trainer.train_step()
+    assert calls == [1.0, 2.0]  # once per step (not per micro-batch), after the optimizer's update
