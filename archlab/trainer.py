@@ -1,9 +1,11 @@
 """The training loop: AdamW, warmup + cosine/WSD schedule, clipping, accumulation, eval, checkpoints.
 
 AdamW with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) on
-matrices only (norm gains and biases are not decayed). Batches are drawn from
-(seed, step), checkpoints hold weights, optimizer, scheduler and RNG state, so
-resuming a killed run replays exactly the loss curve of an uninterrupted one.
+matrices only (norm gains and biases are not decayed). The batch of a step is the
+training stream's windows at positions fixed by (seed, step) (``archlab.data``), and
+with a teacher the same positions index the shared soft-target cache; checkpoints hold
+weights, optimizer, scheduler and RNG state, so resuming a killed run replays exactly
+the loss curve of an uninterrupted one.
 """
 
 from __future__ import annotations

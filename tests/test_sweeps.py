@@ -57,7 +57,7 @@ def sweep_jobs(name: str) -> list[list[str]]:
 
 
 def test_there_are_sweeps() -> None:
-    assert {"ffn", "attention"} <= set(NAMES)
+    assert {"ffn", "attention", "moe"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
