@@ -65,8 +65,8 @@ def generate(
     non_causal = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False})
     if non_causal:
         raise ArchlabError(
-            f"{', '.join(non_causal)} is not causal (it reads later tokens), so this student "
-            "cannot generate; train it with a causal choice"
+            f"not causal (reads later tokens): {', '.join(non_causal)}; this student cannot generate, "
+            "train it with a causal choice"
         )
     if use_cache and not supports_kv_cache(model):
         raise ArchlabError(

@@ -136,5 +136,5 @@ def test_cache_capacity_stops_at_max_tokens() -> None:
 def test_a_non_causal_module_cannot_generate() -> None:
     model = student([])
     model.sublayers[1].is_causal = False  # as an expert-choice router declares
-    with pytest.raises(ArchlabError, match="MLP is not causal"):
+    with pytest.raises(ArchlabError, match=r"not causal \(reads later tokens\): MLP;"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 2)
