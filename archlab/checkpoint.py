@@ -58,13 +58,18 @@ def latest(run_dir: Path) -> Path | None:
         return None
 
 
-def load(ckpt: Path, model: nn.Module) -> dict:
-    """Load weights into ``model`` and return the saved training state."""
+def load_weights(ckpt: Path, model: nn.Module) -> None:
+    """Load the checkpoint's weights into ``model``, which must have exactly its parameters."""
     missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ArchlabError(
             f"checkpoint {ckpt} does not fit this model: missing {missing}, unexpected {unexpected}"
         )
+
+
+def load(ckpt: Path, model: nn.Module) -> dict:
+    """Load weights into ``model`` and return the saved training state."""
+    load_weights(ckpt, model)
     return torch.load(ckpt / "state.pt", weights_only=False)
 
 
@@ -81,6 +86,6 @@ def load_student(ckpt: Path, device: torch.device):
     from archlab.model import build_student
 
     model = build_student(saved_config(ckpt))
-    load(ckpt, model)
+    load_weights(ckpt, model)  # weights only: the optimizer state in state.pt is not needed here
     model.kernel = select_kernel("auto", device, torch.float32, model.dims.head_dim)
     return model.to(device).eval().requires_grad_(False)

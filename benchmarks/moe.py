@@ -32,12 +32,11 @@ import functools
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from timing import interleaved, publish
+from timing import interleaved, parse_step_args, publish
 from torch import Tensor
 
 from archlab import registry
@@ -206,15 +205,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--moe", nargs="*", action="extend", default=[], help="moe student only, e.g. ffn.n_experts=32"
     )
-    p.add_argument("--batch-size", type=int, default=None, help="default: trainer.batch_size")
-    p.add_argument("--steps", type=int, default=20, help="timed repeats (one step of each student)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each student first")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    return parse_step_args(p, argv, steps=20, warmup=2)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -42,12 +42,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from timing import interleaved, publish
+from timing import interleaved, parse_step_args, publish
 from torch import Tensor, nn
 
 from archlab import registry
@@ -400,16 +399,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
     p.add_argument("--override", nargs="*", action="extend", default=[], help="Hydra overrides")
-    p.add_argument("--batch-size", type=int, default=None, help="default: trainer.batch_size")
-    p.add_argument("--steps", type=int, default=40, help="timed repeats (one step of each model)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul peak probe")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    return parse_step_args(p, argv, steps=40, warmup=3)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -7,10 +7,11 @@ paused, and reports compare medians and per-repeat ratios.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -43,3 +44,16 @@ def publish(results: dict, report: str, json_path: Path | None) -> dict:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, *, steps: int, warmup: int):
+    """Add the flags every step-time benchmark takes (batch, repeats, warmup, threads, JSON), then parse."""
+    p.add_argument("--batch-size", type=int, default=None, help="default: trainer.batch_size")
+    p.add_argument("--steps", type=int, default=steps, help="timed repeats (one step of each variant)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps of each variant first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
