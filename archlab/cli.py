@@ -27,10 +27,24 @@ commands:
                       trainer.max_steps=20; -m for a multirun sweep; --help for the config
   plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
   generate CHECKPOINT --prompt TEXT [--temperature T --top-k K --top-p P]
-                      continue a prompt with a trained student (KV-cache decoding)
+                      [--medusa [--medusa-tree 4,2,1] [--compare]]
+                      continue a prompt with a trained student (KV-cache decoding; --medusa:
+                      speculative decoding with the student's draft heads, exact)
+  study [--quick] [--out DIR] [OVERRIDES]
+                      the main job: a dense reference ladder and plugin students under one
+                      teacher, fitted and compared by capability density in an HTML report
+  report RUN_DIRS... [--ladder LADDER] [--out DIR] [--wandb] [--project P --entity E]
+                      compare finished runs by capability density against a reference ladder:
+                      HTML + Markdown report with plots; --wandb also publishes a W&B Report
   teacher build [OVERRIDES]
                       build the configured teacher and its soft-target cache once, so that
                       later runs and sweeps with the same overrides only read them
+  export CHECKPOINT --packed [--out PATH]
+                      write the student as one packed safetensors file (ternary: 2 bits per weight);
+                      `generate` reads it too
+  new-plugin SLOT NAME [--dir DIR]
+                      write a new plugin distribution (entry point, typed Config, preset, conformance
+                      test); see docs/writing-a-plugin.md
 """
 
 
@@ -131,8 +145,12 @@ def generate(args: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--medusa", action="store_true", help="speculative decoding with draft heads")
+    parser.add_argument("--medusa-tree", default="4,2,1", help="--medusa: top tokens per depth")
+    parser.add_argument("--compare", action="store_true", help="--medusa: also time plain decoding")
     opts = parser.parse_args(args)
     for key, bad, allowed in (
+        ("--no-cache", opts.medusa and opts.no_cache, "off with --medusa (it verifies through the cache)"),
         ("--max-new-tokens", opts.max_new_tokens < 1, "a positive integer"),
         ("--temperature", opts.temperature < 0, "a number >= 0"),
         ("--top-k", opts.top_k < 0, "an integer >= 0"),
@@ -140,32 +158,43 @@ def generate(args: list[str]) -> int:
     ):
         if bad:
             raise ConfigError(key, getattr(opts, key[2:].replace("-", "_")), allowed)
+    from archlab.speculative import generate_speculative, medusa_report, parse_widths
+
+    widths = parse_widths(opts.medusa_tree) if opts.medusa else ()
     import time
 
     import torch
 
-    from archlab import checkpoint
+    from archlab import checkpoint, export
     from archlab.generate import generate as run_generation
     from archlab.trainer import resolve_device, tokenizer_for
 
-    ckpt = checkpoint.find(opts.checkpoint)
     device = resolve_device(opts.device)
-    model = checkpoint.load_student(ckpt, device)
-    tokenizer = tokenizer_for(checkpoint.saved_config(ckpt))
+    if opts.checkpoint.endswith(".safetensors"):  # a file from `archlab export --packed`
+        ckpt, (model, cfg) = opts.checkpoint, export.load_packed(opts.checkpoint, device)
+    else:
+        ckpt = checkpoint.find(opts.checkpoint)
+        model, cfg = checkpoint.load_student(ckpt, device), checkpoint.saved_config(ckpt)
+    tokenizer = tokenizer_for(cfg)
     prompt = torch.tensor([tokenizer.encode(opts.prompt)], device=device)
     if prompt.shape[1] == 0:
         raise ConfigError("--prompt", opts.prompt, "text that encodes to at least one token")
+    sampling = {"temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p}
     start = time.perf_counter()
-    out = run_generation(
-        model,
-        prompt,
-        opts.max_new_tokens,
-        temperature=opts.temperature,
-        top_k=opts.top_k,
-        top_p=opts.top_p,
-        generator=torch.Generator(device).manual_seed(opts.seed),
-        use_cache=not opts.no_cache,
-    )
+    if opts.medusa:
+        generator = torch.Generator(device).manual_seed(opts.seed)
+        out, stats = generate_speculative(
+            model, prompt, opts.max_new_tokens, widths=widths, **sampling, generator=generator
+        )
+    else:
+        out = run_generation(
+            model,
+            prompt,
+            opts.max_new_tokens,
+            **sampling,
+            generator=torch.Generator(device).manual_seed(opts.seed),
+            use_cache=not opts.no_cache,
+        )
     seconds = time.perf_counter() - start
     print(opts.prompt + tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
     print(
@@ -173,6 +202,9 @@ def generate(args: list[str]) -> int:
         f"{'no cache' if opts.no_cache else 'KV cache'}; {ckpt}]",
         file=sys.stderr,
     )
+    if opts.medusa:
+        report = medusa_report(model, prompt, out, stats, sampling, widths=widths, compare=opts.compare)
+        print(report, file=sys.stderr)
     return 0
 
 
@@ -225,6 +257,22 @@ def main(argv: list[str] | None = None) -> int:
             return teacher(rest)
         if command == "generate":
             return generate(rest)
+        if command == "export":
+            from archlab import export
+
+            return export.main(rest)
+        if command == "new-plugin":
+            from archlab import scaffold
+
+            return scaffold.main(rest)
+        if command == "report":
+            from archlab import report
+
+            return report.main(rest)
+        if command == "study":
+            from archlab import study
+
+            return study.main(rest)
         if command == "--version":
             print(f"archlab {__version__}")
             return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +31,7 @@ class ModelConfig:
     vocab_size: int = 256
     attention_backend: str = "auto"  # auto | xformers | sdpa | eager (see archlab.kernels)
     linear_overrides: dict[str, str] = field(default_factory=dict)  # role prefix -> linear plugin
+    value_residual: bool = False  # mix layer 1's attention values into later layers (ResFormer)
 
 
 class Schedule(Enum):
@@ -64,6 +66,9 @@ class TrainerConfig:
     ckpt_every: int = 100
     resume: str | None = None  # null | auto (this run dir) | a run dir or checkpoint dir
     progress: bool = True
+    # module-name prefixes whose parameters train (e.g. [head] for heads on a frozen backbone); [] = all
+    train_only: list[str] = field(default_factory=list)
+    init_from: str | None = None  # a run or checkpoint dir: start from its tensors of matching name and shape
 
     def validate(self) -> None:
         positive = (
@@ -119,6 +124,18 @@ class LoggerBackend(Enum):
 
 
 @dataclass
+class DensityConfig:
+    """``density.ladder``: a reference-ladder fit (``ladder_fit.json`` of ``archlab study``, or the
+    ``fit.json`` of ``archlab report --ladder``); when set, the run's summary gets ``density/*``."""
+
+    ladder: str | None = None
+
+    def validate(self) -> None:
+        if self.ladder is not None and not Path(self.ladder).expanduser().is_file():
+            raise ConfigError("density.ladder", self.ladder, "an existing ladder fit JSON file, or null")
+
+
+@dataclass
 class LoggerConfig:
     backend: LoggerBackend = LoggerBackend.wandb
     project: str = "archlab"
@@ -145,6 +162,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="_schema", node=TrainerConfig, provider="archlab")
     cs.store(group="data", name="default", node=DataConfig, provider="archlab")
     cs.store(group="distill", name="default", node=DistillConfig, provider="archlab")
+    cs.store(group="density", name="default", node=DensityConfig, provider="archlab")
     cs.store(group="teacher", name="none", node=NoTeacher, provider="archlab")
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
     cs.store(group="logger", name="none", node=LoggerConfig(backend=LoggerBackend.none), provider="archlab")
@@ -161,6 +179,7 @@ def validate(cfg: DictConfig) -> None:
     check_backend(cfg.model.attention_backend)
     OmegaConf.to_object(cfg.trainer).validate()
     OmegaConf.to_object(cfg.distill).validate()
+    OmegaConf.to_object(cfg.density).validate()
     objective, objective_cfg = registry.configured("objective", cfg.objective)
     if hasattr(objective_cfg, "validate"):
         objective_cfg.validate(dims)

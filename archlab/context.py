@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +67,18 @@ class KVCache:
         self._lengths[key] = length + t
         return tuple(buf[..., : length + t, :] for buf in buffers)
 
+    def keep(self, first: int, indices: Tensor) -> None:
+        """Of the tokens cached from position ``first`` on, keep those at ``indices`` (ascending, relative
+        to ``first``) and drop the rest, in every module's buffers; ``offset`` becomes
+        ``first + len(indices)``. Speculative decoding rolls the cache back to the accepted path with it."""
+        rows = first + indices.to(torch.long)
+        for key, buffers in self._buffers.items():
+            for buf in buffers:
+                kept = buf.index_select(-2, rows.to(buf.device))  # a copy, so overlapping moves are safe
+                buf[..., first : first + len(rows), :] = kept
+            self._lengths[key] = first + len(rows)
+        self.offset = first + len(rows)
+
     def elements_per_token(self) -> int:
         """Cached elements per token per sequence, summed over modules (for checking accounting)."""
         return sum(
@@ -82,6 +94,15 @@ class ForwardContext:
     ``attend`` is the attention kernel chosen for this run (see ``archlab.kernels``);
     it is causal, aligned so the last query sees every key. ``cache`` is set while
     generating: attention plugins append what they keep per token to it.
+    ``attn_mask`` (t, s) bool, True = may attend, is set only to verify a token tree
+    (``archlab.speculative``): ``attend`` then already applies it instead of the causal
+    mask, and a plugin that computes attention itself must use it and declare
+    ``supports_tree_mask = True``. ``targets`` (b, t) next-token labels and ``soft``
+    (the teacher's ``SoftTargets``) are set by the trainer, for plugins whose auxiliary
+    losses need labels (e.g. extra prediction heads). ``tokens`` are the input ids (b, t)
+    of this forward (the new ones only, with a cache). ``value_lambdas`` holds the
+    student's value-residual weights, None when that option is off (attention plugins opt
+    in by calling ``value_residual``).
     Sublayers report auxiliary losses with ``add_loss(name, value, weight)``: the
     trainer adds ``weight * value`` to the objective and logs each name. Metrics
     reported with ``add_metric`` are averaged over the sublayers that report them.
@@ -91,8 +112,15 @@ class ForwardContext:
     rotate: Callable[[Tensor, Tensor], Tensor]
     attend: Callable[[Tensor, Tensor, Tensor], Tensor]
     cache: KVCache | None = None
+    attn_mask: Tensor | None = None
+    targets: Tensor | None = None
+    soft: object | None = None  # archlab.soft_targets.SoftTargets (not imported: it imports data)
+    tokens: Tensor | None = None
+    value_lambdas: Sequence[Tensor] | None = None
     losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
     _metrics: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
+    _first_values: Tensor | None = None
+    _value_calls: int = 0
 
     def add_loss(self, name: str, value: Tensor, weight: float = 1.0) -> None:
         if name in self.losses:
@@ -101,6 +129,23 @@ class ForwardContext:
                 raise ValueError(f"aux loss {name!r} reported with weights {prev_weight} and {weight}")
             value = prev + value
         self.losses[name] = (value, weight)
+
+    def value_residual(self, v: Tensor) -> Tensor:
+        """Value residual learning (ResFormer, Zhou et al., arXiv 2410.17897), per attention layer n:
+
+            V'_1 = V_1,    V'_n = λ_{n,1} V_n + λ_{n,2} V_1   (n ≥ 2; learnable λ owned by the student)
+
+        Every attention layer calls it once per forward, in layer order, on its values (any shape,
+        the same in every layer, e.g. (b, g, t, k) with g KV heads); identity when the option is off.
+        """
+        if self.value_lambdas is None:
+            return v
+        n, self._value_calls = self._value_calls, self._value_calls + 1
+        if n == 0:
+            self._first_values = v
+            return v
+        lam = self.value_lambdas[n - 1].to(v.dtype)
+        return lam[0] * v + lam[1] * self._first_values
 
     def add_metric(self, name: str, value: float | Tensor) -> None:
         self._metrics[name].append(value.detach() if isinstance(value, Tensor) else value)

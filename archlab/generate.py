@@ -13,7 +13,7 @@ from torch import Tensor
 
 from archlab.context import KVCache
 from archlab.errors import ArchlabError
-from archlab.model import LAYER_SLOTS, Student
+from archlab.model import Student
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -40,23 +40,14 @@ def next_token(
 
 
 def supports_kv_cache(model: Student) -> bool:
-    attention = model.sublayers[LAYER_SLOTS.index("attention") :: len(LAYER_SLOTS)]
-    return all(getattr(m, "supports_kv_cache", False) for m in attention)
+    """Whether every sublayer that mixes tokens (attention, memory) keeps its state in the KV cache."""
+    slots = [name.rsplit(".", 1)[-1] for name in model.sublayer_names]  # "L<layer>.<slot>"
+    mixing = [m for m, slot in zip(model.sublayers, slots, strict=True) if slot in ("attention", "memory")]
+    return all(getattr(m, "supports_kv_cache", False) for m in mixing)
 
 
-@torch.no_grad()
-def generate(
-    model: Student,
-    prompt: Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-) -> Tensor:
-    """Continue ``prompt`` (b, t) by ``max_new_tokens``; returns (b, t + max_new_tokens)."""
+def check_can_generate(model: Student, prompt: Tensor, max_new_tokens: int, *, use_cache: bool) -> None:
+    """Raise ArchlabError, saying what to change, if this student cannot continue ``prompt`` so far."""
     if prompt.shape[1] + max_new_tokens > model.dims.context:
         raise ArchlabError(
             f"prompt ({prompt.shape[1]} tokens) + {max_new_tokens} new tokens exceed the model's "
@@ -72,6 +63,22 @@ def generate(
         raise ArchlabError(
             "this student's attention plugin has no KV cache; generate without it (--no-cache)"
         )
+
+
+@torch.no_grad()
+def generate(
+    model: Student,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Continue ``prompt`` (b, t) by ``max_new_tokens``; returns (b, t + max_new_tokens)."""
+    check_can_generate(model, prompt, max_new_tokens, use_cache=use_cache)
     model.eval()
     cache = KVCache(model.dims.context) if use_cache else None
     tokens, fresh = prompt, prompt

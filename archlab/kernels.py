@@ -25,30 +25,33 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xformers", "sdpa", "eager")
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Reference: softmax(q kᵀ / sqrt(k) + causal mask) v in float32.
 
-    Query i of t_q sees keys 0..t_k − t_q + i (bottom-right aligned, for cached decoding)."""
+    Query i of t_q sees keys 0..t_k − t_q + i (bottom-right aligned, for cached decoding).
+    ``mask`` (t_q, t_k) bool, True = may attend, replaces the causal mask (tree verification)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # b h t t
     t_q, t_k = q.shape[2], k.shape[2]
-    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    if mask is None:
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """PyTorch's fused scaled-dot-product attention (any device).
 
     SDPA's ``is_causal`` aligns the mask top-left; with cached keys (t_q < t_k) the mask
     must be aligned bottom-right, so one query sees every key and longer blocks get an
-    explicit mask.
+    explicit mask. An explicit ``mask`` (t_q, t_k), True = may attend, replaces the causal one.
     """
     t_q, t_k, gqa = q.shape[2], k.shape[2], k.shape[1] != q.shape[1]
-    if t_q == t_k or t_q == 1:
+    if mask is None and (t_q == t_k or t_q == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=t_q > 1, enable_gqa=gqa)
-    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    if mask is None:
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -70,12 +73,15 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 _UNSUPPORTED_BY_XFORMERS: set[tuple] = set()
 
 
-def xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """xformers where it supports these shapes (e.g. MLA's q/k and v head sizes differ), else SDPA.
 
     The run's probe checks one shape; a plugin may call with others. The first refusal
-    per shape is logged once and that shape goes to SDPA from then on.
+    per shape is logged once and that shape goes to SDPA from then on. Calls with an
+    explicit ``mask`` (tree verification) go to SDPA.
     """
+    if mask is not None:
+        return sdpa_attention(q, k, v, mask)
     key = (q.shape[-1], v.shape[-1], q.dtype, q.shape[2] == k.shape[2])
     if key not in _UNSUPPORTED_BY_XFORMERS:
         try:
@@ -95,13 +101,13 @@ class Kernel:
 
     name: str
     reason: str
-    fn: Callable[[Tensor, Tensor, Tensor], Tensor] = field(init=False, repr=False)
+    fn: Callable[..., Tensor] = field(init=False, repr=False)  # (q, k, v, mask=None) -> y
 
     def __post_init__(self) -> None:
         self.fn = _FUNCTIONS[self.name]
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.fn(q, k, v)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.fn(q, k, v, mask)
 
 
 def _xformers_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

@@ -100,6 +100,11 @@ class WandbLogger:
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
 
+    def image(self, name: str, path: Path, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path))}, step=step)
+
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -123,6 +128,11 @@ class Loggers:
     def summary(self, metrics: dict) -> None:
         for logger in self.all:
             logger.summary(metrics)
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        """An image already saved in the run dir (``plots/*.png``), logged to W&B when it is on."""
+        if self.wandb:
+            self.wandb.image(name, path, step)
 
     def finish(self, exit_code: int = 0) -> None:
         for logger in self.all:

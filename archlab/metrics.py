@@ -1,12 +1,14 @@
 """Size and cost of a student, measured on the built module.
 
 Plugins can override what the walker measures for their own subtree:
-``num_active_params()`` (parameters one token touches, e.g. MoE), ``weight_bytes()``
+``num_active_params()`` (parameters one token touches, e.g. MoE), ``num_sparse_params()``
+(looked-up tables such as Engram's, reported as ``params/sparse``), ``weight_bytes()``
 (e.g. packed ternary weights), ``attention_flops_per_token(context)`` and
 ``kv_cache_elems_per_token()`` (attention plugins).
 
 Definitions (per token, forward pass; training ≈ 3× forward, Kaplan et al. 2020):
     non_embedding = parameters of everything but the token embedding and the head
+    weight_bytes/non_embedding = stored bytes of those parameters (the denominator of density per byte)
     flops_per_token = 2 · (active non-embedding params + d · vocab) + Σ attention FLOPs at full context
     kv_bytes_per_token = Σ_layers kv_cache_elems_per_token · bytes per element
 """
@@ -31,7 +33,14 @@ def _walk(module: nn.Module, override: str, own: Callable[[nn.Parameter], int]) 
 
 def _body(model: Student) -> list[nn.Module]:
     """Every module of the student except the token embedding and the head."""
-    return [model.position, model.sublayers, model.norms, model.residual, model.final_norm]
+    return [
+        model.position,
+        model.sublayers,
+        model.norms,
+        model.residual,
+        model.final_norm,
+        model.value_lambdas,
+    ]
 
 
 def parameter_counts(model: Student) -> dict[str, int]:
@@ -43,11 +52,14 @@ def parameter_counts(model: Student) -> dict[str, int]:
         "params/non_embedding": non_embedding,
         "params/active": total - non_embedding + active_body,
         "params/active_non_embedding": active_body,
+        "params/sparse": sum(
+            m.num_sparse_params() for m in model.modules() if hasattr(m, "num_sparse_params")
+        ),
     }
 
 
-def weight_bytes(model: Student) -> int:
-    return _walk(model, "weight_bytes", lambda p: p.numel() * p.element_size())
+def weight_bytes(module: nn.Module) -> int:
+    return _walk(module, "weight_bytes", lambda p: p.numel() * p.element_size())
 
 
 def flops_per_token(model: Student, active_non_embedding: int) -> int:
@@ -74,6 +86,7 @@ def model_metrics(model: Student, compute_dtype: torch.dtype) -> dict[str, int]:
     return {
         **counts,
         "weight_bytes": weight_bytes(model),
+        "weight_bytes/non_embedding": sum(weight_bytes(m) for m in _body(model)),  # density per byte
         "flops_per_token": fwd,
         "train_flops_per_token": 3 * fwd,
         "kv_bytes_per_token": kv_bytes_per_token(model, compute_dtype),

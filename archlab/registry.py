@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from archlab.errors import ConfigError, PluginError
 
 #: Slots of the student model, in the order the CLI lists them.
-MODEL_SLOTS = ("attention", "ffn", "residual", "linear", "norm", "position", "head")
+MODEL_SLOTS = ("attention", "ffn", "memory", "residual", "linear", "norm", "position", "head")
 #: Slots of the pipeline around the student.
 PIPELINE_SLOTS = ("corpus", "teacher", "objective")
 SLOTS = MODEL_SLOTS + PIPELINE_SLOTS
@@ -56,16 +56,10 @@ class Plugin:
             try:
                 obj = self.entry_point.load()
             except Exception as exc:  # noqa: BLE001 - any import error is reported, not raised
-                self._error = f"{type(exc).__name__}: {exc}"
+                self._error = load_error(self.slot, self.entry_point, exc)
             else:
-                config = getattr(obj, "Config", None)
-                if config is None or not dataclasses.is_dataclass(config):
-                    self._error = (
-                        f"{self.entry_point.value} has no `Config` dataclass attribute; "
-                        "give the plugin class a nested @dataclass named Config"
-                    )
-                else:
-                    self._obj = obj
+                self._error = config_error(self.entry_point, obj)
+                self._obj = obj if self._error is None else None
         if self._error is not None:
             raise PluginError(
                 f"plugin {self.slot}={self.name} (entry point '{self.entry_point.value}' "
@@ -81,6 +75,31 @@ class Plugin:
         except PluginError:
             return self._error
         return None
+
+
+def load_error(slot: str, ep: EntryPoint, exc: Exception) -> str:
+    """What went wrong importing ``ep``; points at pyproject.toml when the entry point names nothing."""
+    text = f"{type(exc).__name__}: {exc}"
+    missing_module = isinstance(exc, ModuleNotFoundError) and exc.name is not None
+    missing_module = missing_module and (ep.module == exc.name or ep.module.startswith(f"{exc.name}."))
+    attrs = (ep.attr or "").split(".")
+    missing_attr = isinstance(exc, AttributeError) and getattr(exc, "name", None) in attrs
+    if not (missing_module or missing_attr):
+        return text
+    return (
+        f"{text}; the entry point names a {'module' if missing_module else 'class'} that does not exist: "
+        f'check [project.entry-points."archlab.{slot}"] in your pyproject.toml, then pip install -e . again'
+    )
+
+
+def config_error(ep: EntryPoint, obj: object) -> str | None:
+    """None if ``obj`` carries a ``Config`` dataclass, else what to fix."""
+    config = getattr(obj, "Config", None)
+    if config is not None and dataclasses.is_dataclass(config):
+        return None
+    why = "" if config is None else " (its Config is not decorated with @dataclass)"
+    fix = "give the plugin class a nested @dataclass named Config"
+    return f"{ep.value} has no `Config` dataclass attribute{why}; {fix}"
 
 
 def strict() -> bool:

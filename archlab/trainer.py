@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from archlab import checkpoint, registry
+from archlab import checkpoint, plots, registry
 from archlab.baselines.objective import teacher_agreement
 from archlab.config import Schedule, TrainerConfig
 from archlab.data import TokenSplit, build_split, n_val_windows, train_batch, val_batches
@@ -59,9 +59,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def freeze_except(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """Train only parameters under the module-name ``prefixes`` (``trainer.train_only``); [] trains all."""
+    if not prefixes:
+        return
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            modules = sorted({name.split(".")[0] for name in names})
+            allowed = f"module-name prefixes such as {', '.join(modules)}"
+            raise ConfigError("trainer.train_only", prefix, allowed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name == q or name.startswith(q + ".") for q in prefixes))
+
+
+def init_from(model: torch.nn.Module, path: str) -> None:
+    """``trainer.init_from``: copy another run's tensors whose names and shapes match; the rest keep their
+    init (e.g. new heads on a trained backbone, with ``trainer.train_only`` to freeze the backbone)."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoint.find(path)
+    own = model.state_dict()
+    saved = load_file(str(ckpt / "model.safetensors"))
+    matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ConfigError("trainer.init_from", path, "a checkpoint sharing parameter names with this student")
+    model.load_state_dict(matched, strict=False)
+    log.info("initialised %d of %d tensors from %s", len(matched), len(own), ckpt)
+
+
 def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
@@ -137,6 +167,32 @@ def soft_targets_for(
     return targets
 
 
+def density_summary(ladder: str | None, summary: dict) -> dict:
+    """The run's ``density/*`` metrics against the ladder fit at ``density.ladder`` ({} without one).
+
+    A loss the fit cannot place (at or below its floor E) is logged as a warning, not an error: the
+    run itself is fine, only the ladder is too small to measure it. Unknown or unbounded interval ends
+    (NaN, inf) are logged as None, so summary.json stays valid JSON.
+    """
+    if ladder is None:
+        return {}
+    from archlab.density import DensityError, LadderFit, density_metrics  # scipy: only when asked
+
+    fit = LadderFit.load(Path(ladder).expanduser())
+    try:
+        metrics = density_metrics(
+            fit,
+            summary["val/bpb"],
+            params=summary["params/non_embedding"],
+            active_params=summary["params/active_non_embedding"],
+            weight_bytes=summary.get("weight_bytes/non_embedding"),
+        )
+    except DensityError as exc:
+        log.warning("density: %s", exc)
+        return {}
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
 class Trainer:
     """Trains one student described by a composed archlab config; ``run()`` returns the summary."""
 
@@ -160,6 +216,9 @@ class Trainer:
         self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(cfg, self.split, self.device, self.t, objective_cfg)
         self.step_hooks = [m for m in self.model.modules() if hasattr(m, "on_step_end")]
+        if self.t.init_from:
+            init_from(self.model, self.t.init_from)
+        freeze_except(self.model, self.t.train_only)
         self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.t)
@@ -189,6 +248,7 @@ class Trainer:
             soft = self.targets.train(first, count).to(self.device) if self.targets else None
             with self.autocast():
                 ctx = self.model.new_context(x)
+                ctx.targets, ctx.soft = y, soft
                 loss = self.objective(self.model(x, ctx), y, soft)
                 total = ctx.add_aux_losses(loss)
             (total / self.t.grad_accum).backward()
@@ -227,7 +287,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss on the fixed validation windows (bits per byte = nats / ln 2 / UTF-8 bytes);
-        with a teacher also KL(teacher ‖ student) and top-1 agreement on the same windows."""
+        with a teacher also KL(teacher ‖ student) and top-1 agreement on the same windows, and the
+        metrics plugins report through ``ctx`` (e.g. extra heads' accuracy), averaged over tokens."""
         self.model.eval()
         sums: dict[str, float] = defaultdict(float)
         batches = val_batches(
@@ -239,7 +300,11 @@ class Trainer:
         for first, x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
-                logits = self.model(x).float()
+                ctx = self.model.new_context(x)
+                ctx.targets = y
+                logits = self.model(x, ctx).float()
+            for name, value in ctx.metrics.items():
+                sums[name] += value * y.numel()
             sums["nats"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
             sums["count"] += y.numel()
             sums["bytes"] += float(self.val_bytes[first : first + len(x)].sum())
@@ -251,6 +316,24 @@ class Trainer:
         count, n_bytes, nats = sums.pop("count"), sums.pop("bytes"), sums.pop("nats")
         agreement = {f"val/{k}": v / count for k, v in sums.items()}
         return {"val/loss": nats / count, "val/bpb": nats / n_bytes / math.log(2), **agreement}
+
+    def log_plots(self, loggers: Loggers) -> None:
+        """Plugin diagnostics on the first validation batch (``archlab.plots``): the residual plugin's
+        depth weights, if it offers them, to ``<run_dir>/plots/depth_weights.{png,json}`` and W&B."""
+        if not hasattr(self.model.residual, "depth_weights"):
+            return
+        first_batch = val_batches(
+            self.split.val,
+            batch_size=self.t.batch_size,
+            context=self.model.dims.context,
+            max_tokens=self.t.eval_tokens,
+        )
+        _, x, _ = next(first_batch)
+        with self.autocast():
+            depth = plots.record_depth_weights(self.model, x.to(self.device))
+        if depth is not None:
+            png = plots.save_depth_weights(depth, self.info.run_dir / "plots", self.step)
+            loggers.image(f"plots/{png.stem}", png, self.step)
 
     def save(self, wandb_id: str | None) -> Path:
         state = {
@@ -301,6 +384,7 @@ class Trainer:
         except BaseException:
             loggers.finish(exit_code=1)
             raise
+        summary.update(density_summary(self.cfg.density.ladder, summary))
         loggers.summary(summary)
         loggers.finish()
         for line in loggers.locations():
@@ -327,6 +411,7 @@ class Trainer:
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     val = self.evaluate()
                     metrics.update(val)
+                    self.log_plots(loggers)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{metrics['train/loss']:.3f}", val_bpb=f"{val.get('val/bpb', math.nan):.3f}"

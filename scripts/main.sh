@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set up, then train the default student on the embedded corpus (W&B offline).
-# Extra arguments are Hydra overrides, e.g. ./scripts/main.sh attention.n_kv_heads=2
+# The main job: set up, then run a small end-to-end study on the embedded corpus (W&B offline): a dense
+# reference ladder and a few plugin students distilled from one shared teacher, the ladder fitted, every
+# student's capability density computed, and an HTML report whose path is the last line printed.
+# Arguments go to `archlab study`: --quick for the ~3-minute version, --out DIR, Hydra overrides for every
+# run, e.g. ./scripts/main.sh --quick trainer.max_steps=40
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/archlab train "$@"
+exec .venv/bin/archlab study "$@"

@@ -155,6 +155,7 @@ def test_plugins_lists_every_slot_with_its_distribution(run_cli) -> None:
     for slot, names in {
         "attention": ["mha"],
         "ffn": ["mlp"],
+        "memory": ["none"],
         "residual": ["prenorm"],
         "linear": ["dense"],
         "norm": ["layernorm", "rmsnorm"],

@@ -20,6 +20,7 @@ from archlab.model import build_student
 DEFAULT_PLUGINS = {
     "attention": "mha",
     "ffn": "mlp",
+    "memory": "none",
     "residual": "prenorm",
     "linear": "dense",
     "norm": "rmsnorm",

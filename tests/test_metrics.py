@@ -30,6 +30,7 @@ def test_counts_flops_and_kv_bytes_match_the_formulas(kv_heads: int) -> None:
     assert m["params/total"] == body + V * D  # tied head: the embedding counts once
     assert m["params/active"] == m["params/total"]
     assert m["weight_bytes"] == 4 * m["params/total"]
+    assert m["weight_bytes/non_embedding"] == 4 * body
     assert m["kv_bytes_per_token"] == L * 2 * kv_heads * (D // H) * 4
     assert m["flops_per_token"] == 2 * (body + D * V) + L * 4 * T * D
     assert m["train_flops_per_token"] == 3 * m["flops_per_token"]
@@ -53,6 +54,7 @@ def test_plugins_can_override_active_params_and_weight_bytes() -> None:
     m = model_metrics(model, torch.float32)
     assert m["params/active"] == m["params/total"] - full + full // 4
     assert m["weight_bytes"] == 4 * (m["params/total"] - full) + 10
+    assert m["weight_bytes/non_embedding"] == 4 * (m["params/non_embedding"] - full) + 10
     assert (
         m["flops_per_token"] < model_metrics(build_student(compose(BASE)), torch.float32)["flops_per_token"]
     )

@@ -15,6 +15,7 @@ from archlab.errors import ConfigError, PluginError
 BASELINES = {
     "attention": {"mha"},
     "ffn": {"mlp"},
+    "memory": {"none"},
     "residual": {"prenorm"},
     "linear": {"dense"},
     "norm": {"rmsnorm", "layernorm"},

@@ -1,6 +1,7 @@
 """Attention slot ``mha``: causal multi-head self-attention with grouped KV heads.
 
     q = x W_q,  k = x W_k,  v = x W_v          (W_k, W_v have n_kv_heads heads)
+    v ← λ_1 v + λ_2 v_first                    with model.value_residual (ResFormer, ctx.value_residual)
     y = softmax(rotate(q) rotate(k)ᵀ / sqrt(k) + causal) v,   out = y W_o
 Vaswani et al. 2017 (arXiv 1706.03762); n_kv_heads < n_heads is GQA (Ainslie et al.
 2023, arXiv 2305.13245), n_kv_heads = 1 is MQA (Shazeer 2019, arXiv 1911.02150).
@@ -20,6 +21,8 @@ from archlab.errors import ConfigError
 
 class MultiHeadAttention(nn.Module):
     supports_kv_cache = True
+    supports_tree_mask = True  # attends only through ctx.attend, which applies ctx.attn_mask
+    supports_value_residual = True  # v = ctx.value_residual(v) on the new tokens' values, before caching
 
     @dataclass
     class Config:
@@ -45,7 +48,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.qkv(x).split((q_width, kv_width, kv_width), dim=-1)
         q = rearrange(q, "b t (h k) -> b h t k", h=self.n_heads)
         k = rearrange(k, "b t (g k) -> b g t k", g=self.n_kv_heads)
-        v = rearrange(v, "b t (g k) -> b g t k", g=self.n_kv_heads)
+        v = ctx.value_residual(rearrange(v, "b t (g k) -> b g t k", g=self.n_kv_heads))
         q, k = ctx.rotate(q, ctx.positions), ctx.rotate(k, ctx.positions)
         if ctx.cache is not None:
             k, v = ctx.cache.append(self, k, v)  # b g (cached + t) k

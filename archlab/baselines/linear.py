@@ -1,6 +1,7 @@
 """Linear slot ``dense``: y = x Wᵀ (+ b), the factory every projection of the student goes through.
 
-A linear plugin is built as ``cls(cfg, in_features, out_features, *, bias, init_std)``;
+A linear plugin is built as ``cls(cfg, in_features, out_features, *, bias, init_std, role)``
+(``role`` names the projection, e.g. ``ffn.down``; dense ignores it);
 swapping the slot (globally or per role, see ``model.linear_overrides``) changes
 every projection it covers, e.g. to ternary weights.
 """
@@ -21,7 +22,7 @@ class DenseLinear(nn.Linear):
         pass
 
     def __init__(
-        self, cfg: Config, in_features: int, out_features: int, *, bias: bool, init_std: float
+        self, cfg: Config, in_features: int, out_features: int, *, bias: bool, init_std: float, role: str = ""
     ) -> None:
         self.init_std = init_std
         super().__init__(in_features, out_features, bias=bias)

@@ -5,6 +5,8 @@ that the core calls around every sublayer f_i (attention, ffn, ...):
     state = begin(x0);  x_i = read(state, i);  state = write(state, i, f_i(norm_i(x_i)))
     h = final(state)    # read by the final norm and the head
 Pre-norm: read(h) = h, write(h, y) = h + y, final(h) = h, i.e. h_{i+1} = h_i + f_i(norm_i(h_i)).
+The constructor also gets ``sublayer_names`` ("L<layer>.<slot>"), for plugins that need layer
+boundaries or label what they learn (see docs/plugins.md, "The residual slot").
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ class PreNorm(nn.Module):
     class Config:
         pass
 
-    def __init__(self, cfg: Config, dims: ModelDims, *, n_sublayers: int) -> None:
+    def __init__(
+        self, cfg: Config, dims: ModelDims, *, n_sublayers: int, sublayer_names: tuple[str, ...]
+    ) -> None:
         super().__init__()
 
     def begin(self, x: Tensor) -> Tensor:

@@ -1,0 +1,136 @@
+"""``archlab export CHECKPOINT --packed [--out PATH]``: a trained student as one packed safetensors file.
+
+Generic through two hooks a module may define (docs/plugins.md):
+    packed_state() -> dict[str, Tensor]     the module's whole state (its subtree) in a compact form
+    load_packed_state(state)                 the inverse, on a freshly built module; may freeze it
+Every other tensor is stored as in the checkpoint. The file's metadata holds the resolved config, so
+``load_packed(path)`` rebuilds the student without the run directory. The size report compares the file's
+tensor bytes with the same parameters at float32 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from archlab.errors import ArchlabError, ConfigError
+
+FORMAT = "archlab-packed/1"
+
+
+def packed_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost modules (by qualified name) that define ``packed_state``."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer in found)
+        if hasattr(module, "packed_state") and not inside:
+            found[name] = module
+    return found
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key.startswith(p + ".") for p in prefixes)
+
+
+def packed_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor of ``model``: packed modules through their hook, the rest as its state_dict has it."""
+    modules = packed_modules(model)
+    out = {k: v for k, v in model.state_dict().items() if not _under(k, modules)}
+    for name, module in modules.items():
+        out.update({f"{name}.{k}": v for k, v in module.packed_state().items()})
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def save_packed(model: nn.Module, cfg: DictConfig, path: Path) -> dict[str, Tensor]:
+    """Write ``model`` packed to ``path`` (safetensors, config in the metadata); returns what was written."""
+    tensors = packed_state_dict(model)
+    config = json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": FORMAT, "config": config})
+    return tensors
+
+
+def load_packed(path: str | Path, device: torch.device | str = "cpu"):
+    """The student stored by ``save_packed``, frozen for inference, and its config."""
+    from archlab.kernels import select_kernel
+    from archlab.model import build_student
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ArchlabError(f"{path} is not an archlab packed export (format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    cfg = OmegaConf.create(json.loads(meta["config"]))
+    model = build_student(cfg)
+    modules = packed_modules(model)
+    for name, module in modules.items():
+        prefix = name + "."
+        module.load_packed_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    rest = {k: v for k, v in tensors.items() if not _under(k, modules)}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not _under(k, modules)]
+    if missing or unexpected:
+        raise ArchlabError(f"{path} does not fit its own config: missing {missing}, unexpected {unexpected}")
+    device = torch.device(device)
+    model.kernel = select_kernel("auto", device, torch.float32, model.dims.head_dim)
+    return model.to(device).eval().requires_grad_(False), cfg
+
+
+def size_report(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, int | float]:
+    """The file's tensor bytes vs the parameters at fp32/bf16; bits per parameter of the packed modules."""
+    n_params = sum(p.numel() for p in model.parameters())
+    modules = packed_modules(model)
+    inside = sum(p.numel() for m in modules.values() for p in m.parameters())
+    inside_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if _under(k, modules))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {
+        "params": n_params,
+        "bytes_packed": total,
+        "bytes_fp32": 4 * n_params,
+        "bytes_bf16": 2 * n_params,
+        "packed_params": inside,
+        "packed_bytes": inside_bytes,
+        "bits_per_packed_param": 8 * inside_bytes / inside if inside else math.nan,
+    }
+
+
+def format_report(r: dict[str, int | float], path: Path) -> str:
+    return "\n".join(
+        [
+            f"wrote {path}",
+            f"  weight bytes: packed {r['bytes_packed']:,} | fp32 {r['bytes_fp32']:,} "
+            f"({r['bytes_fp32'] / r['bytes_packed']:.2f}x) | bf16 {r['bytes_bf16']:,} "
+            f"({r['bytes_bf16'] / r['bytes_packed']:.2f}x)   ({r['params']:,} parameters)",
+            f"  packed modules: {r['packed_params']:,} parameters in {r['packed_bytes']:,} bytes = "
+            f"{r['bits_per_packed_param']:.3f} bits each (scales and norm gains included)",
+        ]
+    )
+
+
+def main(args: list[str]) -> int:
+    """``archlab export CHECKPOINT --packed [--out PATH]``."""
+    parser = argparse.ArgumentParser(
+        prog="archlab export", description="Write a trained student as one packed safetensors file."
+    )
+    parser.add_argument("checkpoint", help="a run dir, its checkpoints/ dir, or one checkpoint dir")
+    parser.add_argument("--packed", action="store_true", help="pack what can be packed (ternary: 2 bits)")
+    parser.add_argument("--out", type=Path, default=None, help="default: CHECKPOINT/packed.safetensors")
+    opts = parser.parse_args(args)
+    if not opts.packed:
+        raise ConfigError("--packed", False, "--packed (the only export format so far)")
+    from archlab import checkpoint
+
+    ckpt = checkpoint.find(opts.checkpoint)
+    model = checkpoint.load_student(ckpt, torch.device("cpu"))
+    out = opts.out or ckpt / "packed.safetensors"
+    tensors = save_packed(model, checkpoint.saved_config(ckpt), out)
+    print(format_report(size_report(model, tensors), out))
+    return 0

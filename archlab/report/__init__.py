@@ -1,0 +1,291 @@
+"""``archlab report``: runs compared by capability density, as a local HTML + Markdown report and,
+with ``--wandb`` and credentials, a W&B Report.
+
+    archlab report RUN_DIRS... [--ladder LADDER] [--out DIR] [--wandb] [--project P --entity E]
+
+RUN_DIRS are run dirs or multirun sweep dirs; LADDER is the dense reference ladder's multirun dir
+(fitted here, ``archlab.density``) or a saved fit JSON. The report holds the ladder fit with its
+bootstrap band, bpb vs (active) non-embedding parameters with the Pareto frontier, density bars,
+one table row per run, every note that says where not to trust a number, and each run's ``plots/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+from archlab.density import LadderFit
+from archlab.errors import ConfigError
+from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot
+from archlab.report.runs import Run, attach_density, load_ladder, load_runs
+
+__all__ = ["Run", "load_runs", "write_report", "table", "notes", "main"]
+
+# (header, summary key) of the measured columns, in table order
+COLUMNS = (
+    ("params total", "params/total"),
+    ("params active", "params/active"),
+    ("N (non-emb)", "params/non_embedding"),
+    ("N active (non-emb)", "params/active_non_embedding"),
+    ("weight bytes (non-emb)", "weight_bytes/non_embedding"),
+    ("KV bytes/token", "kv_bytes_per_token"),
+    ("tokens/s", "tokens_per_s"),
+    ("val bpb", "val/bpb"),
+    ("KL teacher", "val/kl_teacher_student"),
+)
+
+
+def _num(v: float | None, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    if abs(v) >= 1000 or float(v).is_integer():
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.{digits}f}"
+
+
+def _size(v: float) -> str:
+    return "∞" if math.isinf(v) else "?" if math.isnan(v) else f"{v:.2e}"
+
+
+def varying_slots(runs: list[Run]) -> list[str]:
+    """Slots whose plugin differs between runs (each gets a column; the rest are common)."""
+    slots = sorted({s for r in runs for s in r.plugins})
+    return [s for s in slots if len({r.plugins.get(s) for r in runs}) > 1]
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows: plugin choices, sizes, costs, bpb, KL, N_eff [90% CI], ρ, flags."""
+    slots = varying_slots(runs)
+    header = [
+        "#",
+        "run",
+        *slots,
+        *(h for h, _ in COLUMNS),
+        "N_eff [90% CI]",
+        "ρ/param",
+        "ρ/active param",
+        "ρ/weight byte",
+        "flags",
+    ]
+    rows = []
+    for i, r in enumerate(runs):
+        d = r.density
+        flags = [f for f in ("extrapolated", "uncertain") if d.get(f"density/{f}")]
+        if r.error:
+            flags.append("no N_eff: loss ≤ E")
+        n_eff = (
+            f"{_size(d['density/n_eff'])} [{_size(d['density/n_eff_lo'])}, {_size(d['density/n_eff_hi'])}]"
+            if d
+            else "–"
+        )
+        rows.append(
+            [
+                str(i),
+                r.name,
+                *(r.plugins.get(s, "–") for s in slots),
+                *(_num(r.summary.get(k)) for _, k in COLUMNS),
+                n_eff,
+                *(
+                    _num(d.get(k), 3) if d else "–"
+                    for k in ("density/per_param", "density/per_active_param", "density/per_weight_byte")
+                ),
+                ", ".join(flags),
+            ]
+        )
+    return header, rows
+
+
+def notes(runs: list[Run], fit: LadderFit | None) -> list[str]:
+    """Everything that limits how far the numbers can be trusted."""
+    out = []
+    if fit is None:
+        out.append("no ladder given (--ladder): no effective sizes or densities, only bpb vs parameters")
+        return out
+    out += [f"ladder fit: {w}" for w in fit.warnings()]
+    for i, r in enumerate(runs):
+        if r.error:
+            out.append(f"#{i} {r.name}: {r.error}")
+        elif r.density.get("density/extrapolated"):
+            where = "below the ladder's best" if r.bpb < fit.loss_range[0] else "above the ladder's worst"
+            out.append(
+                f"#{i} {r.name}: bpb {r.bpb:.4f} is {where} loss "
+                f"({fit.loss_range[0]:.4f}-{fit.loss_range[1]:.4f}): N_eff is extrapolated"
+            )
+        if r.density.get("density/uncertain"):
+            lo, hi = r.density["density/n_eff_lo"], r.density["density/n_eff_hi"]
+            spread = (
+                "is unknown (see the ladder fit)"
+                if math.isnan(lo)
+                else f"[{lo:.3g}, {hi:.3g}] spans more than a factor 2"
+            )
+            out.append(f"#{i} {r.name}: N_eff's 90% interval {spread}")
+        if r.density and "weight_bytes/non_embedding" not in r.summary:
+            out.append(f"#{i} {r.name}: no weight_bytes/non_embedding in its summary: no density per byte")
+    noise = 2 * fit.residual_rms
+    close = [
+        (i, j) for (i, a), (j, b) in itertools.combinations(enumerate(runs), 2) if abs(a.bpb - b.bpb) < noise
+    ]
+    if close:
+        pairs = ", ".join(f"#{i}/#{j}" for i, j in close[:10]) + (" ..." if len(close) > 10 else "")
+        out.append(
+            f"{len(close)} pair(s) of runs differ in bpb by less than twice the fit's residual RMS "
+            f"({noise:.4f} bpb), so their densities are not distinguishable: {pairs}"
+        )
+    return out
+
+
+def _fit_text(fit: LadderFit | None) -> str:
+    if fit is None:
+        return "No reference ladder."
+    sizes = len({n for n, _ in fit.points})
+    return (
+        f"Ladder: {len(fit.points)} runs at {sizes} sizes, N = {fit.n_range[0]:.3g}-{fit.n_range[1]:.3g} "
+        f"non-embedding parameters, bpb {fit.loss_range[0]:.4f}-{fit.loss_range[1]:.4f}. "
+        f"Fit L(N) = E + A·N^(−α): E = {fit.E:.4f}, A = {fit.A:.4g}, α = {fit.alpha:.4f} "
+        f"(residual RMS {fit.residual_rms:.4f} bpb, {len(fit.boot)} bootstrap refits). "
+        "N_eff = (A / (L − E))^(1/α); ρ = N_eff / N."
+    )
+
+
+def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, common) -> str:
+    md = [f"# {title}", "", _fit_text(fit), ""]
+    md += ["## Notes", "", *(f"- {n}" for n in note_lines or ["none"]), ""]
+    md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in figures), ""]
+    md += ["## Runs", "", f"Common to all runs: {common or '–'}", ""]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    for i, (run, pngs) in enumerate(zip(runs, run_plots, strict=True)):
+        if pngs:
+            md += [
+                "",
+                f"### #{i} {run.name}",
+                "",
+                *(f"![{p.stem}]({p.relative_to(figures[0].parent)})" for p in pngs),
+            ]
+    return "\n".join(md) + "\n"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _html(title, fit, runs, figures, run_plots, header, rows, note_lines, common) -> str:
+    e = html.escape
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>",
+        "body{font-family:sans-serif;margin:2em;max-width:1400px} img{max-width:100%}"
+        "table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px}"
+        "td{text-align:right} td:nth-child(2){text-align:left}</style></head><body>",
+        f"<h1>{e(title)}</h1><p>{e(_fit_text(fit))}</p><h2>Notes</h2><ul>",
+        *(f"<li>{e(n)}</li>" for n in note_lines or ["none"]),
+        "</ul><h2>Plots</h2>",
+        *(f"<p>{_img(p)}</p>" for p in figures),
+        f"<h2>Runs</h2><p>Common to all runs: {e(common or '–')}</p><table><tr>",
+        *(f"<th>{e(h)}</th>" for h in header),
+        "</tr>",
+    ]
+    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
+    out.append("</table>")
+    for i, (run, pngs) in enumerate(zip(runs, run_plots, strict=True)):
+        if pngs:
+            out += [f"<h3>#{i} {e(run.name)}</h3>", *(f"<p>{_img(p)}</p>" for p in pngs)]
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(
+    runs: list[Run],
+    fit: LadderFit | None,
+    out_dir: str | Path,
+    *,
+    title: str = "archlab: capability density",
+    extra_notes: list[str] | None = None,
+) -> Path:
+    """Write ``index.html`` (self-contained), ``report.md``, the PNGs, ``fit.json`` and ``runs.json``.
+
+    Fills each run's ``density`` from ``fit`` first. Returns the path of ``index.html``.
+    """
+    if not runs:
+        raise ConfigError("RUN_DIRS", "[]", "at least one finished run (a run dir with summary.json)")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if fit is not None:
+        attach_density(runs, fit)
+        fit.save(out / "fit.json")
+        figures.append(ladder_plot(fit, out / "ladder_fit.png"))
+    figures.append(bpb_vs_params(runs, fit, out / "bpb_vs_params.png"))
+    if fit is not None:
+        figures.append(density_bars(runs, out / "density.png"))
+    run_plots = []
+    for i, run in enumerate(runs):
+        dest = out / "runs" / str(i)
+        if run.plots:
+            dest.mkdir(parents=True, exist_ok=True)
+        run_plots.append([Path(shutil.copy2(p, dest / p.name)) for p in run.plots])
+    header, rows = table(runs)
+    note_lines = [*(extra_notes or []), *notes(runs, fit)]
+    slots = set(varying_slots(runs))
+    common = ", ".join(f"{s}={p}" for s, p in sorted(runs[0].plugins.items()) if s not in slots)
+    args = (title, fit, runs, figures, run_plots, header, rows, note_lines, common)
+    (out / "report.md").write_text(_markdown(*args))
+    index = out / "index.html"
+    index.write_text(_html(*args))
+    records = [
+        {
+            "path": str(r.path),
+            "name": r.name,
+            "plugins": r.plugins,
+            "group": r.group,
+            "wandb_id": r.wandb_id,
+            "summary": r.summary,
+            "density": r.density,
+            "error": r.error,
+        }
+        for r in runs
+    ]
+    (out / "runs.json").write_text(json.dumps(records, indent=1, default=float) + "\n")
+    return index
+
+
+def main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="archlab report",
+        description="Compare runs by capability density against a reference ladder: a local HTML + "
+        "Markdown report, and a W&B Report with --wandb.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIRS", help="run dirs or multirun sweep dirs")
+    parser.add_argument("--ladder", help="the dense ladder's multirun dir, or a saved fit JSON")
+    parser.add_argument("--out", help="output dir (default: <first RUN_DIR>/report)")
+    parser.add_argument("--n-boot", type=int, default=200, help="bootstrap refits of a ladder dir's fit")
+    parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
+    parser.add_argument("--project", help="W&B project (default: the runs' logger.project)")
+    parser.add_argument("--entity", help="W&B entity (default: the runs' logger.entity, else yours)")
+    opts = parser.parse_args(args)
+    if opts.n_boot < 1:
+        raise ConfigError("--n-boot", opts.n_boot, "an integer >= 1")
+    if opts.ladder is not None and not Path(opts.ladder).expanduser().exists():
+        raise ConfigError("--ladder", opts.ladder, "an existing ladder multirun dir or fit JSON")
+    skipped: list[str] = []
+    runs = load_runs(opts.runs, skipped)
+    fit = load_ladder(opts.ladder, n_boot=opts.n_boot, notes=skipped) if opts.ladder else None
+    index = write_report(runs, fit, opts.out or Path(opts.runs[0]) / "report", extra_notes=skipped)
+    print(f"report: {index} (and {index.with_name('report.md').name}, PNGs beside it)")
+    for line in notes(runs, fit):
+        print(f"note: {line}")
+    if opts.wandb:
+        from archlab.report.publish import publish_if_possible
+
+        publish_if_possible(runs, fit, project=opts.project, entity=opts.entity)
+    return 0
