@@ -1,0 +1,1 @@
+"""Memory slot plugins: ``engram`` (hashed n-gram conditional memory)."""
