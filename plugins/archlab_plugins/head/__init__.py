@@ -1,0 +1,1 @@
+"""Head slot plugins: ``medusa`` (the LM head plus draft heads for speculative decoding)."""
