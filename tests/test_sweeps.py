@@ -7,6 +7,7 @@ Hydra's basic sweeper makes of ``hydra.sweeper.params`` (the cross product of th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def sweep_jobs(name: str) -> list[list[str]]:
 
 
 def test_there_are_sweeps() -> None:
-    assert {"ffn", "attention", "moe"} <= set(NAMES)
+    assert {"ffn", "attention", "moe", "ladder"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,6 +101,52 @@ def test_ffn_sweep_changes_only_the_ffn() -> None:
     assert len({str(c.attention) for c in configs}) == 1
 
 
+def test_residuals_sweep_matches_parameters_and_changes_the_depth_stream() -> None:
+    jobs = sweep_jobs("residuals")
+    names = ["prenorm", "attnres_full", "attnres_block", "denseformer", "hyper", "engram"]
+    assert jobs == [[f"residual_arch={n}"] for n in names]
+    configs = {job[0].split("=", 1)[1]: compose_sweep("residuals", job) for job in jobs}
+    slots = {n: (c.residual.plugin, c.memory.plugin) for n, c in configs.items()}
+    plugins = ["prenorm", "attnres", "attnres", "denseformer", "hyper", "prenorm"]
+    assert [s[0] for s in slots.values()] == plugins
+    assert slots["engram"][1] == "engram" and {s[1] for n, s in slots.items() if n != "engram"} == {"none"}
+    assert (configs["attnres_full"].residual.mode.name, configs["attnres_block"].residual.mode.name) == (
+        "full",
+        "block",
+    )
+    counts = {
+        n: model_metrics(build_student(c), torch.float32)["params/non_embedding"] for n, c in configs.items()
+    }
+    for name, count in counts.items():
+        gap = count / counts["prenorm"] - 1
+        assert abs(gap) <= TOLERANCE, f"residual_arch={name}: {gap:+.2%} non-embedding parameters vs prenorm"
+
+
+def test_ladder_is_dense_geometric_and_trained_like_the_students() -> None:
+    """>= 5 plain dense sizes over >= 1.5 decades of non-embedding parameters, about geometric, one head
+    size, depth growing with width, a repeated seed; everything else as the architecture sweeps have it."""
+    configs = [compose_sweep("ladder", job) for job in sweep_jobs("ladder")]
+    by_size: dict[int, list[DictConfig]] = {}
+    for cfg in configs:
+        assert (cfg.attention.plugin, cfg.ffn.plugin, cfg.linear.plugin) == ("mha", "mlp", "dense")
+        assert cfg.ffn.activation == Activation.swiglu and cfg.ffn.hidden_dim is None
+        n = model_metrics(build_student(cfg), torch.float32)["params/non_embedding"]
+        by_size.setdefault(n, []).append(cfg)
+    sizes = sorted(by_size)
+    assert len(sizes) >= 5 and math.log10(sizes[-1] / sizes[0]) >= 1.5, sizes
+    ratios = [b / a for a, b in zip(sizes, sizes[1:], strict=False)]
+    assert max(ratios) / min(ratios) < 1.5, ratios  # each step about the same factor
+    shapes = sorted({(c.model.d_model, c.model.n_layers) for c in configs})
+    assert [depth for _, depth in shapes] == sorted(depth for _, depth in shapes)
+    assert len({c.model.d_model // c.model.n_heads for c in configs}) == 1
+    assert any(len({c.seed for c in same}) > 1 for same in by_size.values()), "no size repeats a seed"
+    student = compose_sweep("attention", ["arch=mha"])
+    for cfg in configs:
+        for key in ("trainer", "teacher", "objective", "distill", "data", "corpus"):
+            assert cfg[key] == student[key], key
+        assert cfg.model.context == student.model.context  # with the trainer: the same token budget
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_sweep_launches_every_job(name: str, run_cli, tmp_path: Path) -> None:
@@ -109,7 +156,7 @@ def test_sweep_launches_every_job(name: str, run_cli, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert f"Launching {len(jobs)} jobs locally" in result.stdout + result.stderr
     (sweep,) = (tmp_path / "multirun").glob("*/*")
-    summaries = sorted(sweep.glob("*/summary.json"))
+    summaries = sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name))  # 10 after 9
     assert [p.parent.name for p in summaries] == [str(i) for i in range(len(jobs))]
     for i, path in enumerate(summaries):
         summary = json.loads(path.read_text())

@@ -78,8 +78,9 @@ def rms(x: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:
     return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps) * gain
 
 
-def reference_mla(module: MLA, x: Tensor, positions: Tensor) -> Tensor:
-    """The paper's equations (V2 §2.1) in float64, head by head: x (b, t, d) -> (b, t, d), causal."""
+def reference_mla(module: MLA, x: Tensor, positions: Tensor, c_v: Tensor | None = None) -> Tensor:
+    """The paper's equations (V2 §2.1) in float64, head by head: x (b, t, d) -> (b, t, d), causal.
+    ``c_v`` replaces c^KV as the latent the values are read from (value residual)."""
     W = {name: p.detach().double() for name, p in module.named_parameters()}
     cfg_c, n, r, v, h = module.kv_lora_rank, module.nope_dim, module.rope_dim, module.v_dim, module.n_heads
     theta, x = module.rope_theta, x.double()
@@ -97,7 +98,7 @@ def reference_mla(module: MLA, x: Tensor, positions: Tensor) -> Tensor:
         q_i = q[..., i * (n + r) : (i + 1) * (n + r)]
         q_nope, q_rope = q_i[..., :n], rope_complex(q_i[..., n:], positions, theta)
         k_nope = c_kv @ W["k_up.weight"][i * n : (i + 1) * n].T  # k^C_i = W^UK_i c^KV
-        v_i = c_kv @ W["v_up.weight"][i * v : (i + 1) * v].T  # v^C_i = W^UV_i c^KV
+        v_i = (c_kv if c_v is None else c_v) @ W["v_up.weight"][i * v : (i + 1) * v].T  # v^C_i = W^UV_i c^KV
         scores = (q_nope @ k_nope.mT + q_rope @ k_rope.mT) / math.sqrt(n + r)
         heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v_i)
     return torch.cat(heads, dim=-1) @ W["out.weight"].T
@@ -124,6 +125,31 @@ def test_every_path_equals_the_paper_equations(variant: str) -> None:
         cache = KVCache()
         chunks = [run(module, x[:, :4], cache), run(module, x[:, 4:6], cache), run(module, x[:, 6:], cache)]
         assert_close_report(torch.cat(chunks, 1), expected)
+
+
+def latent(module: MLA, x: Tensor) -> Tensor:
+    """c^KV = RMSNorm(x W_DKV), float64."""
+    w = module.kv_down.weight.detach().double()[: module.kv_lora_rank]
+    return rms(x.double() @ w.T, module.kv_norm.weight.detach().double())
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_value_residual_mixes_layer_one_latent_into_the_values(absorb: bool) -> None:
+    """Layer 2 reads its values from c_v = λ_1 c^KV_2 + λ_2 c^KV_1; keys still from c^KV_2."""
+    first, second = make(absorb=absorb), make(q_lora_rank=16, absorb=absorb)
+    x1, x2, lam = torch.randn(2, 7, DIMS.d_model), torch.randn(2, 7, DIMS.d_model), torch.tensor([0.4, 1.3])
+    mixed = lam[0].double() * latent(second, x2) + lam[1].double() * latent(first, x1)
+    expected = reference_mla(second, x2, torch.arange(7), c_v=mixed)
+    for cache, chunks in ((None, [(0, 7)]), (KVCache(), [(0, 4), (4, 5), (5, 7)])):
+        outputs = []
+        for a, b in chunks:  # both layers see one context per forward, as in the student
+            ctx = ForwardContext(torch.arange(a, b), _no_rotate, sdpa_attention, cache, value_lambdas=[lam])
+            with torch.no_grad():
+                first(x1[:, a:b], ctx)
+                outputs.append(second(x2[:, a:b], ctx))
+            if cache is not None:
+                cache.offset = b
+        assert_close_report(torch.cat(outputs, 1), expected)
 
 
 def test_absorbed_decode_equals_naive_decode_step_by_step() -> None:

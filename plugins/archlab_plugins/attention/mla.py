@@ -25,6 +25,10 @@ Departures:
   ``linear`` plugin's own forward (ternary, LoRA, ...) is honoured; techniques.md §1(d).
 - With ``absorb`` a cached prefill (t > 1) is absorbed too (vLLM / SGLang prefill naively, for FLOPs).
 - No biases, as the reference.
+- Value residual (``model.value_residual``, ResFormer arXiv 2410.17897) mixes the *value latent*:
+  c_v = λ_1 c_kv + λ_2 c_kv^(layer 1), v_i = c_v W_UV_i, while keys still read c_kv. W_UV is linear, so this
+  is ResFormer's V'_n = λ_1 V_n + λ_2 V_1 with V_1 seen through layer n's W_UV; it needs no extra cache (layer
+  1's latent is cached anyway) and absorbed decoding keeps working (it attends over c_kv, sums c_v).
 Reference: deepseek-ai/DeepSeek-V3 inference/model.py ``MLA`` @1ea5a1a (naive and absorb paths).
 """
 
@@ -58,6 +62,8 @@ def causal_mask(t: int, s: int, device: torch.device) -> Tensor:
 
 class MultiHeadLatentAttention(nn.Module):
     supports_kv_cache = True
+    supports_tree_mask = True  # the naive path gets ctx.attn_mask through ctx.attend, absorbed() reads it
+    supports_value_residual = True  # on the value latent c_v (module docstring)
 
     @dataclass
     class Config:
@@ -143,11 +149,12 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope, k_rope = self.rotate(q_rope, ctx.positions), self.rotate(k_rope, ctx.positions)
         if ctx.cache is not None:
             c_kv, k_rope = ctx.cache.append(self, c_kv, k_rope)  # b s c, b s r
-            if self.absorb:
-                y = self.absorbed(q_nope, q_rope, c_kv, k_rope)
-                return self.out(rearrange(y, "b h t v -> b t (h v)"))
+        c_v = ctx.value_residual(c_kv)  # the latent W_UV reads: c_kv, or mixed with layer 1's (docstring)
+        if ctx.cache is not None and self.absorb:
+            y = self.absorbed(q_nope, q_rope, c_kv, k_rope, ctx.attn_mask, c_v)
+            return self.out(rearrange(y, "b h t v -> b t (h v)"))
         k_nope = rearrange(self.k_up(c_kv), "b s (h n) -> b h s n", h=self.n_heads)
-        v = rearrange(self.v_up(c_kv), "b s (h v) -> b h s v", h=self.n_heads)
+        v = rearrange(self.v_up(c_v), "b s (h v) -> b h s v", h=self.n_heads)
         k_rope = k_rope[:, None].expand(-1, self.n_heads, -1, -1)  # b h s r: the shared key, broadcast
         # the kernel scales by 1/sqrt(q's last dim) = 1/sqrt(n + r), the paper's softmax scale
         y = ctx.attend(torch.cat((q_nope, q_rope), dim=-1), torch.cat((k_nope, k_rope), dim=-1), v)
@@ -161,14 +168,26 @@ class MultiHeadLatentAttention(nn.Module):
         w_uv = rearrange(self.v_up(eye), "c (h v) -> h v c", h=self.n_heads)
         return w_uk, w_uv
 
-    def absorbed(self, q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor) -> Tensor:
-        """Attention on the latent: (b h t n), (b h t r), (b s c), (b s r) -> y (b h t v)."""
+    def absorbed(
+        self,
+        q_nope: Tensor,
+        q_rope: Tensor,
+        c_kv: Tensor,
+        k_rope: Tensor,
+        mask: Tensor | None = None,
+        c_v: Tensor | None = None,
+    ) -> Tensor:
+        """Attention on the latent: (b h t n), (b h t r), (b s c), (b s r) -> y (b h t v);
+        ``mask`` (t, s), True = may attend, replaces the causal mask (tree verification);
+        ``c_v`` (b s c) is the latent the values are read from (default c_kv; value residual)."""
+        c_v = c_kv if c_v is None else c_v
         w_uk, w_uv = self.up_weights()
         q_c = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk.to(q_nope.dtype))
         scores = torch.einsum("bhtc,bsc->bhts", q_c, c_kv) + torch.einsum("bhtr,bsr->bhts", q_rope, k_rope)
-        mask = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
+        if mask is None:
+            mask = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
         a = (scores.float() * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1)
-        o_c = torch.einsum("bhts,bsc->bhtc", a.to(c_kv.dtype), c_kv)  # attention-weighted latent
+        o_c = torch.einsum("bhts,bsc->bhtc", a.to(c_v.dtype), c_v)  # attention-weighted latent
         return torch.einsum("bhtc,hvc->bhtv", o_c, w_uv.to(o_c.dtype))
 
     def kv_cache_elems_per_token(self) -> int:
