@@ -33,14 +33,7 @@ SHAPE = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding is a chain of tiny matmuls: on a busy 2-core machine a second intra-op thread made these
-    tests ~14x slower (spin-waiting), so they run single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class RandomDrafts(nn.Module):

@@ -113,12 +113,11 @@ def load_runs(paths: list[str | Path], notes: list[str] | None = None) -> list[R
                     notes.append(note)
                 continue
             runs.append(load_run(job))
-    if len(runs) > 1:  # name runs by what sets them apart
+    if len(runs) > 1:  # name runs by what sets them apart (the ladder a run was measured against does not)
         shared = set.intersection(*(set(r.overrides) for r in runs))
         for r in runs:
-            r.name = (
-                " ".join(o for o in r.overrides if o not in shared) or f"{r.path.parent.name}/{r.path.name}"
-            )
+            own = [o for o in r.overrides if o not in shared and not o.startswith("density.")]
+            r.name = " ".join(own) or f"{r.path.parent.name}/{r.path.name}"
     return runs
 
 

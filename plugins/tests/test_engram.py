@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -240,16 +235,7 @@ def test_memory_none_rejects_layers() -> None:
 
 
 @pytest.mark.slow
-def test_archlab_train_with_engram_reports_sparse_params(tmp_path: Path) -> None:
-    env = {**os.environ, "ARCHLAB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    args = [
-        *("memory=engram", "model.value_residual=true", "logger=none", "teacher=none", "objective=ce"),
-        *("trainer.max_steps=3", "trainer.eval_every=3", "trainer.eval_tokens=256", "trainer.progress=false"),
-        *("data.max_bytes=200000", "model.context=32", f"hydra.run.dir={tmp_path / 'run'}"),
-    ]
-    command = [sys.executable, "-m", "archlab.cli", "train", *args]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(next((tmp_path / "run").rglob("summary.json")).read_text())
+def test_archlab_train_with_engram_reports_sparse_params(train_cli) -> None:
+    summary = train_cli("memory=engram", "model.value_residual=true")
     assert summary["params/sparse"] > 0
     assert summary["params/active"] < summary["params/total"] - summary["params/sparse"] / 2

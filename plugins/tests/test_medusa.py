@@ -27,14 +27,7 @@ from archlab.trainer import Trainer, freeze_except
 SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context=32", "head=medusa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding is a chain of tiny matmuls: on a busy 2-core machine a second intra-op thread made these
-    tests ~14x slower (spin-waiting), so they run single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def student(*overrides: str, seed: int = 0):

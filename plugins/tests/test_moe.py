@@ -3,10 +3,7 @@ formulas written out), plus discovery, causality, accounting, config errors and 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -489,17 +486,8 @@ def test_moe_sweep_pairs_dense_and_moe_at_equal_active_parameters() -> None:
 
 
 @pytest.mark.slow
-def test_archlab_train_aux_free_writes_routing_metrics(tmp_path: Path) -> None:
-    env = {**os.environ, "ARCHLAB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    args = [
-        *("ffn=moe", "ffn.router=aux_free", "logger=none", "teacher=none", "objective=ce"),
-        *("trainer.max_steps=3", "trainer.eval_every=3", "trainer.eval_tokens=256", "trainer.progress=false"),
-        *("data.max_bytes=200000", "model.context=32", f"hydra.run.dir={tmp_path / 'run'}"),
-    ]
-    command = [sys.executable, "-m", "archlab.cli", "train", *args]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(next((tmp_path / "run").rglob("summary.json")).read_text())
+def test_archlab_train_aux_free_writes_routing_metrics(train_cli) -> None:
+    summary = train_cli("ffn=moe", "ffn.router=aux_free")
     for key in ("moe/load_max_over_mean", "moe/layer0/router_entropy", "aux/moe/seq_balance"):
         assert f"train/{key}" in summary, key
     assert summary["params/active"] < summary["params/total"]
