@@ -177,6 +177,8 @@ class LadderFit:
             )
         if 0.999 * self.loss_range[0] < self.E:
             out.append(f"E = {self.E:.4f} sits at the ladder's best loss: the floor is not determined")
+        if self.E < 1e-3:
+            out.append(f"E = {self.E:.4f} sits on its lower bound 0: the floor is not determined")
         lo, hi = np.quantile(self.boot[:, 2], [0.05, 0.95])
         if hi - lo > 0.5 * self.alpha:
             out.append(f"alpha's 90% bootstrap interval [{lo:.3f}, {hi:.3f}] is wider than half of alpha")

@@ -42,6 +42,7 @@ TEMPLATES = {
     "norm": SlotTemplate("Norm", "eps5", {"eps": 1e-5}),
     "position": SlotTemplate("Position", "long", {"theta": 500000.0}),
     "head": SlotTemplate("Head", "softcap", {"softcap": 30.0}),
+    "memory": SlotTemplate("Memory", "wide", {"table_dim": 64}),
 }
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
