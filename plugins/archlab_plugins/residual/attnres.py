@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.context import ModelDims
@@ -93,8 +92,11 @@ class AttentionResiduals(nn.Module):
         return members[0] if len(members) == 1 else f"{members[0]}..{members[-1]}"
 
     def _logits(self, v: Tensor, queries: Tensor) -> Tensor:
-        """w_rᵀ RMSNorm(v) for the given queries: (b, t, d) -> (b, t, r)."""
-        return F.rms_norm(v, (v.shape[-1],), eps=self.eps) @ queries.T.to(v.dtype)
+        """w_rᵀ RMSNorm(v) for the given queries: (b, t, d) -> (b, t, r), computed as (v w_r) / rms(v) so
+        the normalised (b, t, d) tensor is never materialised (the norm has no gain, see Departures)."""
+        wide = v.to(torch.promote_types(v.dtype, torch.float32))  # at least fp32 under bf16 autocast
+        inv_rms = torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # b t 1
+        return (v @ queries.T.to(v.dtype)) * inv_rms.to(v.dtype)
 
     def begin(self, x: Tensor) -> DepthState:
         if self.record_depth_weights:
