@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,3 +302,16 @@ def density_metrics(
         "density/extrapolated": fit.extrapolated(bpb),
         "density/uncertain": not hi <= 2 * lo,
     }
+
+
+def summary_density(fit: LadderFit, summary: Mapping[str, object]) -> dict[str, float | bool]:
+    """``density_metrics`` of a run from its ``summary.json`` metrics (val/bpb, non-embedding counts and
+    weight bytes; active defaults to total where a run has no MoE-style count). Raises DensityError."""
+    n = summary["params/non_embedding"]
+    return density_metrics(
+        fit,
+        summary["val/bpb"],
+        params=n,
+        active_params=summary.get("params/active_non_embedding", n),
+        weight_bytes=summary.get("weight_bytes/non_embedding"),
+    )

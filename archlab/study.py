@@ -144,15 +144,12 @@ class Study:
         self.say("teacher: soft targets ready (logs/teacher.log)")
 
     def ladder(self):
-        from archlab.density import fit_ladder
+        from archlab.report.runs import load_ladder
 
         runs = self.multirun("ladder", "+rung=" + ",".join(self.preset.rungs), [])
-        summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
-        n = [s["params/non_embedding"] for s in summaries]
-        bpb = [s["val/bpb"] for s in summaries]
-        fit = fit_ladder(n, bpb)
+        fit = load_ladder(self.out / "ladder")
         fit.save(self.out / "ladder_fit.json")
-        points = ", ".join(f"{int(a):,}: {b:.3f}" for a, b in sorted(zip(n, bpb, strict=True)))
+        points = ", ".join(f"{int(a):,}: {b:.3f}" for a, b in sorted(fit.points))
         self.say(f"ladder: {len(runs)} runs (N: bpb) {points}")
         self.say(
             f"ladder fit: L(N) = {fit.E:.3f} + {fit.A:.3g}·N^-{fit.alpha:.3f}, residual RMS "

@@ -176,17 +176,10 @@ def density_summary(ladder: str | None, summary: dict) -> dict:
     """
     if ladder is None:
         return {}
-    from archlab.density import DensityError, LadderFit, density_metrics  # scipy: only when asked
+    from archlab.density import DensityError, LadderFit, summary_density  # scipy: only when asked
 
-    fit = LadderFit.load(Path(ladder).expanduser())
     try:
-        metrics = density_metrics(
-            fit,
-            summary["val/bpb"],
-            params=summary["params/non_embedding"],
-            active_params=summary["params/active_non_embedding"],
-            weight_bytes=summary.get("weight_bytes/non_embedding"),
-        )
+        metrics = summary_density(LadderFit.load(Path(ladder).expanduser()), summary)
     except DensityError as exc:
         log.warning("density: %s", exc)
         return {}

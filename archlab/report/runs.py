@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from archlab.density import DensityError, LadderFit, density_metrics, fit_ladder
+from archlab.density import DensityError, LadderFit, fit_ladder, summary_density
 from archlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,6 @@ def attach_density(runs: list[Run], fit: LadderFit) -> None:
     """Fill each run's ``density`` (or ``error``, e.g. a loss at or below the fit's E)."""
     for run in runs:
         try:
-            run.density = density_metrics(
-                fit,
-                run.bpb,
-                params=run.n,
-                active_params=run.n_active,
-                weight_bytes=run.summary.get("weight_bytes/non_embedding"),
-            )
+            run.density = summary_density(fit, run.summary)
         except DensityError as exc:
             run.density, run.error = {}, str(exc)
