@@ -170,13 +170,64 @@ def test_attnres_block_mixes_completed_blocks_and_the_partial_block(n_sublayers,
     x0, ys = sources(n_sublayers)
     module = attnres(Mode.block, n_blocks, names)
     reads, final = run_stack(module, x0, ys)
-    for i, h in enumerate([*reads, final]):
+    for h, expected in zip([*reads, final], block_reads(module.queries, x0, ys, groups), strict=True):
+        assert_close_report(h, expected, atol=1e-12)
+    assert len(module.source_names) == 1 + n_blocks  # the embedding and one source per block
+
+
+def block_reads(queries: Tensor, x0: Tensor, ys: list[Tensor], groups: list[int]) -> list[Tensor]:
+    """Every reader's mix (sublayers, then final), written out: the embedding, each group complete before
+    the reader summed, and the reader's own group's outputs so far summed (the partial block)."""
+    reads = []
+    for i in range(len(ys) + 1):
         done = {g for g in groups[:i] if i == len(groups) or g != groups[i]}  # groups complete before i
         blocks = [sum(y for y, g in zip(ys, groups, strict=False) if g == k) for k in sorted(done)]
         partial = [ys[j] for j in range(i) if groups[j] not in done]
-        expected = depth_softmax(module.queries[i], [x0, *blocks, *([sum(partial)] if partial else [])])
-        assert_close_report(h, expected, atol=1e-12)
-    assert len(module.source_names) == 1 + n_blocks  # the embedding and one source per block
+        reads.append(depth_softmax(queries[i], [x0, *blocks, *([sum(partial)] if partial else [])]))
+    return reads
+
+
+@pytest.mark.parametrize(
+    ("mode", "n_blocks", "groups"),
+    [
+        (Mode.full, 4, [0, 1, 2, 3, 4, 5]),
+        (Mode.block, 3, [0, 0, 1, 1, 2, 2]),
+        (Mode.block, 4, [0, 0, 1, 2, 2, 3]),
+    ],
+)
+def test_attnres_gradients_equal_autograd_through_the_equations(mode, n_blocks, groups) -> None:
+    """The hand-written backward (per-source accumulators) against autograd through ``block_reads``: the
+    gradient of every source, sublayer output and pseudo-query, float64. A second backward of the same graph
+    (retain_graph) gives the same gradients: the accumulators start empty each time."""
+    x0, ys = sources()
+    leaves = [x0.requires_grad_(), *(y.requires_grad_() for y in ys)]
+    module = attnres(mode, n_blocks)
+    weights = torch.randn(len(ys) + 1, *x0.shape, dtype=torch.float64)  # a loss that weighs every read
+
+    def loss(reads: list[Tensor]) -> Tensor:
+        return sum((w * h).sum() for w, h in zip(weights, reads, strict=True))
+
+    reads, final = run_stack(module, x0, ys)
+    ours = loss([*reads, final])
+    got = torch.autograd.grad(ours, [*leaves, module.queries], retain_graph=True)
+    again = torch.autograd.grad(ours, [*leaves, module.queries])
+    want = torch.autograd.grad(loss(block_reads(module.queries, x0, ys, groups)), [*leaves, module.queries])
+    for g, a, w in zip(got, again, want, strict=True):
+        assert_close_report(g, w, atol=1e-10)
+        assert torch.equal(g, a)
+
+
+def test_attnres_under_bf16_autocast_mixes_in_float32() -> None:
+    """bf16 sublayer outputs: the depth logits and softmax stay float32, the mix has the stream's float32."""
+    module = attnres(Mode.block, n_blocks=2).float()
+    x0, ys = sources()
+    x0 = x0.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reads, final = run_stack(module, x0, [y.bfloat16() for y in ys])
+        alpha, _ = module.weights(module.begin(x0), 0)
+    assert final.dtype == torch.float32 and alpha.dtype == torch.float32
+    final.sum().backward()
+    assert x0.grad.dtype == torch.float32 and torch.isfinite(module.queries.grad).all()
 
 
 def test_attnres_block_with_one_sublayer_per_block_is_full() -> None:
@@ -208,8 +259,8 @@ def test_attnres_depth_weights_are_convex_per_token() -> None:
         state = module.begin(x0)
         for i, y in enumerate(ys):
             alpha, values = module.weights(state, i)
-            assert alpha.shape == (*x0.shape[:-1], len(values))
-            assert (alpha >= 0).all() and torch.allclose(alpha.sum(-1), torch.ones(()).double())
+            assert alpha.shape == (len(values), *x0.shape[:-1])
+            assert (alpha >= 0).all() and torch.allclose(alpha.sum(0), torch.ones(()).double())
             state = module.write(state, i, y)
 
 
@@ -226,7 +277,7 @@ def test_attnres_scaling_one_source_keeps_its_weights_and_scales_its_share() -> 
         assert_close_report(alpha_s, alpha, atol=1e-9)
         expected = module.read(state, i)
         if i > k:  # y_k is source k + 1 (source 0: the embedding)
-            expected = expected + (s - 1) * alpha[..., k + 1 : k + 2] * values[k + 1]
+            expected = expected + (s - 1) * alpha[k + 1, ..., None] * values[k + 1]
         assert_close_report(module.read(state_s, i), expected, atol=1e-9)
         state, state_s = module.write(state, i, ys[i]), module.write(state_s, i, scaled[i])
 
