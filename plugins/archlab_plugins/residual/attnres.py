@@ -20,20 +20,20 @@ Departures:
   README pseudocode's ``Linear(d, 1)`` per sublayer would be.
 How it is computed (the equations are unchanged; tests compare with them written out, forward and gradient):
 - The logits of a source for all its later readers are one (readers × d) matmul, taken once when the
-  source is complete (the paper's "two-phase" split), as (W v) / rms(v): the normalised source is never
-  materialised. A read only gathers them and mixes.
+  source is complete (as the paper's two-phase computation batches the readers), as (W v) / rms(v): the
+  normalised source is never materialised. A read only gathers them and mixes.
 - Logits and weights are laid out (s, b, t): a softmax over a short last dimension is ~15× slower on CPU.
 - The two autograd Functions below have hand-written backward passes. A source is read by every later
   reader; rather than one gradient tensor per reader that autograd then sums, every reader adds its share
-  α·g in place into one accumulator per source (``GradBank``), handed to autograd once, by the source's
-  ``_Tap``. On the tiny CPU student this took a block-mode training step from 1.12× to about 1.08× prenorm
-  (benchmarks/residuals.py). No double backward (``once_differentiable``).
+  α·g in place into one accumulator per source (``GradSlot``); the backward of the source's logits, which
+  autograd runs after every read of the source, hands the sum over once. On the tiny CPU student this
+  took a block-mode training step from 1.12× to about 1.08× prenorm (benchmarks/residuals.py).
+  No double backward (``once_differentiable``).
 Shapes: b batch, t tokens, d d_model, s sources, r readers (n_sublayers + 1).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import reduce
@@ -47,64 +47,41 @@ from archlab.errors import ConfigError
 from archlab.plots import DepthWeights
 
 
-class GradBank(dict):
-    """One forward's gradient accumulators, one per depth source (key -> (b, t, d) tensor), filled in place
-    by the backward of every read and logit computation that used the source, and emptied by ``_Tap``."""
+class GradSlot:
+    """Where every reader of one depth source adds its share of the source's gradient, in place, during the
+    backward pass; the source's ``_DepthLogits`` hands the sum to autograd (see ``_DepthLogits``)."""
+
+    __slots__ = ("grad",)
 
     def __init__(self) -> None:
-        super().__init__()
-        self._keys = itertools.count()
+        self.grad: Tensor | None = None
 
-    def tap(self, v: Tensor) -> tuple[Tensor, int]:
-        """An alias of ``v`` through which the source's accumulated gradient reaches autograd, and its key."""
-        key = next(self._keys)
-        return _Tap.apply(v, self, key), key
-
-    def add_scaled(self, key: int, scale: Tensor, grad: Tensor) -> None:
-        """accumulator[key] += scale · grad (broadcast over d)."""
-        acc = self.get(key)
-        if acc is None:
-            self[key] = grad * scale
+    def add_scaled(self, scale: Tensor, grad: Tensor) -> None:
+        """grad += scale · grad_in (scale broadcast over d)."""
+        if self.grad is None:
+            self.grad = grad * scale
         else:
-            acc.addcmul_(scale, grad)
-
-
-class _Tap(torch.autograd.Function):
-    """Identity in the forward; its backward adds the source's accumulator to the gradient autograd brings.
-
-    Every Function that reads the source takes the tap as input, so autograd runs this backward only after
-    all of theirs (which filled the accumulator and returned None for the source)."""
-
-    @staticmethod
-    def forward(ctx, v: Tensor, bank: GradBank, key: int) -> Tensor:
-        ctx.bank, ctx.key = bank, key
-        ctx.set_materialize_grads(False)
-        return v.view_as(v)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor | None):
-        acc = ctx.bank.pop(ctx.key, None)
-        if acc is None or grad is None:
-            return (grad if acc is None else acc), None, None
-        return acc.add_(grad), None, None
+            self.grad.addcmul_(scale, grad)
 
 
 class _DepthLogits(torch.autograd.Function):
     """(W v) / rms(v): (b, t, d) source, (r, d) queries -> (r, b, t) logits, in at least float32.
 
     Backward, with ĝ = g / rms(v) and ℓ the logits:
-        ∂v = ĝᵀW − (Σ_r g_r ℓ_r) · v / (d · rms(v)²),      ∂W = ĝ v."""
+        ∂v = ĝᵀW − (Σ_r g_r ℓ_r) · v / (d · rms(v)²),      ∂W = ĝ v.
+    Every read of the source also takes its logits (through α), so autograd runs this backward after the
+    backward of every ``_DepthMix`` that read the source: ∂v is added to the slot they filled and the total
+    goes to autograd here, once, as the gradient of the source."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, queries: Tensor, eps: float, bank: GradBank, key: int) -> Tensor:
+    def forward(ctx, v: Tensor, queries: Tensor, eps: float, slot: GradSlot) -> Tensor:
         dtype, d = torch.promote_types(v.dtype, torch.float32), v.shape[-1]
         with torch.autocast(v.device.type, enabled=False):
             wide = v.to(dtype)
             inv_rms = torch.rsqrt(torch.linalg.vector_norm(wide, dim=-1).square_().div_(d).add_(eps))  # b t
             logits = (queries.to(dtype) @ wide.reshape(-1, d).T).view(-1, *v.shape[:-1]).mul_(inv_rms)
         ctx.save_for_backward(wide, queries, inv_rms, logits)
-        ctx.bank, ctx.key = bank, key
+        ctx.slot = slot
         return logits
 
     @staticmethod
@@ -113,27 +90,27 @@ class _DepthLogits(torch.autograd.Function):
         wide, queries, inv_rms, logits = ctx.saved_tensors
         d = wide.shape[-1]
         scaled = (grad * inv_rms).view(grad.shape[0], -1)  # r (b t)
+        grad_v = grad_queries = None
         if ctx.needs_input_grad[0]:
             coef = (grad * logits).sum(0).mul_(inv_rms.square()).div_(-d).unsqueeze(-1)  # b t 1
-            w, acc = queries.to(scaled.dtype), ctx.bank.get(ctx.key)
-            if acc is None:
-                acc = ctx.bank[ctx.key] = (scaled.T @ w).view(wide.shape)
+            w, grad_v, ctx.slot.grad = queries.to(scaled.dtype), ctx.slot.grad, None
+            if grad_v is None:
+                grad_v = (scaled.T @ w).view(wide.shape)
             else:
-                acc.view(-1, d).addmm_(scaled.T, w)
-            acc.addcmul_(coef, wide)
-        grad_queries = None
+                grad_v.view(-1, d).addmm_(scaled.T, w)
+            grad_v.addcmul_(coef, wide)
         if ctx.needs_input_grad[1]:
             grad_queries = (scaled @ wide.view(-1, d)).to(queries.dtype)
-        return None, grad_queries, None, None, None
+        return grad_v, grad_queries, None, None
 
 
 class _DepthMix(torch.autograd.Function):
-    """h = Σ_s α_s v_s: (s, b, t) weights and s tapped (b, t, d) sources -> (b, t, d).
+    """h = Σ_s α_s v_s: (s, b, t) weights and s (b, t, d) sources -> (b, t, d).
 
-    Backward: ∂α_s = ⟨g, v_s⟩ over d; α_s · g goes into source s's accumulator (None to autograd)."""
+    Backward: ∂α_s = ⟨g, v_s⟩ over d; α_s · g is added to source s's slot, and None goes to autograd."""
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, bank: GradBank, keys: list[int], *values: Tensor) -> Tensor:
+    def forward(ctx, alpha: Tensor, slots: list[GradSlot], *values: Tensor) -> Tensor:
         dtype = reduce(torch.promote_types, (v.dtype for v in values))
         alpha = alpha.to(dtype).unsqueeze(-1)
         with torch.autocast(values[0].device.type, enabled=False):
@@ -141,7 +118,7 @@ class _DepthMix(torch.autograd.Function):
             for a, v in zip(alpha[1:], values[1:], strict=True):  # in place: no (b, t, s, d) stack
                 h.addcmul_(a, v)
         ctx.save_for_backward(alpha, *values)
-        ctx.bank, ctx.keys = bank, keys
+        ctx.slots = slots
         return h
 
     @staticmethod
@@ -151,10 +128,10 @@ class _DepthMix(torch.autograd.Function):
         grad_alpha = None
         if ctx.needs_input_grad[0]:
             grad_alpha = torch.stack([torch.linalg.vecdot(grad, v.to(grad.dtype)) for v in values])
-        for a, key, needed in zip(alpha, ctx.keys, ctx.needs_input_grad[3:], strict=True):
+        for a, slot, needed in zip(alpha, ctx.slots, ctx.needs_input_grad[2:], strict=True):
             if needed:
-                ctx.bank.add_scaled(key, a, grad)
-        return grad_alpha, None, None, *(None for _ in values)
+                slot.add_scaled(a, grad)
+        return grad_alpha, None, *(None for _ in values)
 
 
 class Mode(Enum):
@@ -164,11 +141,10 @@ class Mode(Enum):
 
 @dataclass
 class DepthState:
-    """One forward's completed sources (tapped), their bank keys and logits, and the open group's sum."""
+    """One forward's completed sources, their gradient slots and logits, and the open group's sum."""
 
-    bank: GradBank
     values: list[Tensor] = field(default_factory=list)  # each (b, t, d)
-    keys: list[int] = field(default_factory=list)
+    slots: list[GradSlot] = field(default_factory=list)
     logits: list[tuple[int, tuple[Tensor, ...]]] = field(default_factory=list)  # first reader, (b, t) each
     partial: Tensor | None = None  # mode=block: the current group's sum so far
 
@@ -216,28 +192,28 @@ class AttentionResiduals(nn.Module):
 
     def _complete(self, state: DepthState, v: Tensor, first_reader: int) -> None:
         """``v`` becomes a source, with its logits for readers ``first_reader`` … final."""
-        tapped, key = state.bank.tap(v)
-        logits = _DepthLogits.apply(tapped, self.queries[first_reader:], self.eps, state.bank, key)
-        state.values.append(tapped)
-        state.keys.append(key)
+        slot = GradSlot()
+        logits = _DepthLogits.apply(v, self.queries[first_reader:], self.eps, slot)
+        state.values.append(v)
+        state.slots.append(slot)
         state.logits.append((first_reader, logits.unbind(0)))
 
-    def _visible(self, state: DepthState, reader: int) -> tuple[Tensor, list[Tensor], list[int]]:
-        """The softmax logits (s, b, t), sources and bank keys that ``reader`` mixes."""
-        values, keys = list(state.values), list(state.keys)
+    def _visible(self, state: DepthState, reader: int) -> tuple[Tensor, list[Tensor], list[GradSlot]]:
+        """The softmax logits (s, b, t), sources and their gradient slots that ``reader`` mixes."""
+        values, slots = list(state.values), list(state.slots)
         logits = [per_reader[reader - first] for first, per_reader in state.logits]
         if state.partial is not None:
-            tapped, key = state.bank.tap(state.partial)
-            values.append(tapped)
-            keys.append(key)
+            slot = GradSlot()
             query = self.queries[reader : reader + 1]
-            logits.append(_DepthLogits.apply(tapped, query, self.eps, state.bank, key)[0])
-        return torch.stack(logits), values, keys
+            logits.append(_DepthLogits.apply(state.partial, query, self.eps, slot)[0])
+            values.append(state.partial)
+            slots.append(slot)
+        return torch.stack(logits), values, slots
 
     def begin(self, x: Tensor) -> DepthState:
         if self.record_depth_weights:
             self._recorded = {}
-        state = DepthState(GradBank())
+        state = DepthState()
         self._complete(state, x, 0)
         return state
 
@@ -251,11 +227,11 @@ class AttentionResiduals(nn.Module):
             if self.record_depth_weights:
                 self._recorded[i] = torch.ones(1)
             return state.values[0]
-        logits, values, keys = self._visible(state, i)
+        logits, values, slots = self._visible(state, i)
         alpha = logits.softmax(dim=0)
         if self.record_depth_weights:
             self._recorded[i] = alpha.mean(dim=(1, 2)).detach()
-        return _DepthMix.apply(alpha, state.bank, keys, *values)
+        return _DepthMix.apply(alpha, slots, *values)
 
     def write(self, state: DepthState, i: int, y: Tensor) -> DepthState:
         partial = y if state.partial is None else state.partial + y
