@@ -126,8 +126,10 @@ class _DepthMix(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         alpha, *values = ctx.saved_tensors
         grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            grad_alpha = torch.stack([torch.linalg.vecdot(grad, v.to(grad.dtype)) for v in values])
+        if ctx.needs_input_grad[0]:  # ⟨g, v_s⟩ through one scratch buffer, not a fresh product per source
+            scratch, grad_alpha = torch.empty_like(grad), grad.new_empty(len(values), *grad.shape[:-1])
+            for dot, v in zip(grad_alpha, values, strict=True):
+                torch.sum(torch.mul(grad, v, out=scratch), dim=-1, out=dot)
         for a, slot, needed in zip(alpha, ctx.slots, ctx.needs_input_grad[2:], strict=True):
             if needed:
                 slot.add_scaled(a, grad)
