@@ -74,10 +74,21 @@ def load(ckpt: Path, model: nn.Module) -> dict:
 
 
 def saved_config(ckpt: Path):
-    """The resolved archlab config stored with checkpoint ``ckpt``."""
+    """The resolved archlab config stored with checkpoint ``ckpt``. A model slot added to archlab after the
+    checkpoint was written (``memory``, for example) is absent from it: it gets the slot's baseline,
+    which is what the saved model had."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.create(torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")["config"])
+    from archlab.config import compose
+    from archlab.registry import MODEL_SLOTS
+
+    saved = OmegaConf.create(torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")["config"])
+    missing = [slot for slot in MODEL_SLOTS if slot not in saved]
+    if missing:
+        baseline = compose([])
+        for slot in missing:
+            saved[slot] = baseline[slot]
+    return saved
 
 
 def load_student(ckpt: Path, device: torch.device):

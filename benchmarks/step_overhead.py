@@ -64,6 +64,7 @@ NOISY_SPREAD = 1.3
 DEFAULT_SLOTS = {
     "attention": "mha",
     "ffn": "mlp",
+    "memory": "none",  # then every layer has exactly LAYER_SLOTS, as plain_key assumes
     "residual": "prenorm",
     "linear": "dense",
     "norm": "rmsnorm",

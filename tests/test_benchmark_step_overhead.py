@@ -45,9 +45,10 @@ def test_every_student_weight_has_a_plain_twin(bench):
     assert {bench.plain_key(k) for k in setup.student.state_dict()} == plain_keys
 
 
-def test_non_default_slots_are_refused(bench):
+@pytest.mark.parametrize("override", ["attention.n_kv_heads=1", "memory=engram"])
+def test_non_default_slots_are_refused(bench, override):
     with pytest.raises(SystemExit, match="default slots"):
-        bench.build(bench.parse_args([*TINY, "attention.n_kv_heads=1"]))
+        bench.build(bench.parse_args([*TINY, override]))
 
 
 def test_equivalence_check_catches_a_different_model(bench):
