@@ -6,13 +6,10 @@ import json
 
 import pytest
 
-from archlab import registry
+from archlab.testing import requires_plugin
 
 BENCHMARK = "medusa"
-pytestmark = pytest.mark.skipif(
-    "medusa" not in registry.plugins("head"),
-    reason="head=medusa is in archlab-plugins: pip install -e ./plugins",
-)
+pytestmark = requires_plugin("head", "medusa")
 TINY = [
     "--train-steps",
     "2",

@@ -6,12 +6,10 @@ import json
 
 import pytest
 
-from archlab import registry
+from archlab.testing import requires_plugin
 
 BENCHMARK = "moe"
-pytestmark = pytest.mark.skipif(
-    "moe" not in registry.plugins("ffn"), reason="ffn=moe is in archlab-plugins: pip install -e ./plugins"
-)
+pytestmark = requires_plugin("ffn", "moe")
 TINY = [
     "--steps",
     "2",

@@ -6,13 +6,10 @@ import json
 
 import pytest
 
-from archlab import registry
+from archlab.testing import requires_plugin
 
 BENCHMARK = "residuals"
-pytestmark = pytest.mark.skipif(
-    "attnres" not in registry.plugins("residual"),
-    reason="residual=attnres is in archlab-plugins: pip install -e ./plugins",
-)
+pytestmark = requires_plugin("residual", "attnres")
 TINY = [
     "--steps",
     "1",

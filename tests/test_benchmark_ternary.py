@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
-from archlab import registry
+from archlab.testing import requires_plugin
 
 BENCHMARK = "ternary"
-pytestmark = pytest.mark.skipif(
-    "ternary" not in registry.plugins("linear"), reason="linear=ternary is in archlab-plugins"
-)
+pytestmark = requires_plugin("linear", "ternary")
 TINY = ["--steps", "1", "--warmup", "0", "--batch-size", "2", "--override"]
 TINY += ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context=32"]
 

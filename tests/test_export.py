@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from archlab import cli, registry
+from archlab import cli
 from archlab.checkpoint import find, load_student
 from archlab.config import compose
 from archlab.errors import ArchlabError
@@ -21,6 +21,7 @@ from archlab.export import load_packed, packed_modules, save_packed, size_report
 from archlab.loggers import RunInfo
 from archlab.metrics import weight_bytes
 from archlab.model import build_student
+from archlab.testing import requires_plugin
 from archlab.trainer import Trainer
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32"]
@@ -34,9 +35,7 @@ TRAIN = [
     "objective=ce",
     "data.max_bytes=200000",
 ]
-needs_ternary = pytest.mark.skipif(
-    "ternary" not in registry.plugins("linear"), reason="linear=ternary is in archlab-plugins"
-)
+needs_ternary = requires_plugin("linear", "ternary")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from archlab import cli, scaffold
 from archlab.config import compose
 from archlab.errors import ConfigError
-from archlab.testing import check_plugin
+from archlab.testing import check_plugin, requires_plugin
 from archlab.testing.venv import overlay_venv, venv_env
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -109,3 +109,9 @@ def test_installed_with_pip_it_is_listed_trains_and_passes_its_tests(tmp_path: P
     )
     assert "val bpb" in train
     assert "passed" in run("pytest", "-q", "-p", "no:cacheprovider", "archlab-gated/tests")
+
+
+def test_requires_plugin_skips_only_where_the_plugin_is_missing() -> None:
+    installed, missing = requires_plugin("ffn", "mlp"), requires_plugin("ffn", "nosuchffn")
+    assert installed.args == (False,)
+    assert missing.args == (True,) and "ffn=nosuchffn is not installed" in missing.kwargs["reason"]

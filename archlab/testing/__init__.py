@@ -20,6 +20,7 @@ _EXPORTS = {
     "PluginSuite": "archlab.testing.suite",
     "check_plugin": "archlab.testing.suite",
     "conformance_params": "archlab.testing.suite",
+    "requires_plugin": "archlab.testing.suite",
     "Case": "archlab.testing.checks",
     "CHECKS": "archlab.testing.checks",
     "TINY": "archlab.testing.checks",

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from archlab import registry
 from archlab.testing.checks import CHECKS, Case, Check
 
 
@@ -20,6 +21,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def requires_plugin(slot: str, name: str) -> Any:
+    """A pytest mark that skips a test (or, as ``pytestmark``, a module) unless plugin ``slot=name`` is
+    installed: for tests of code that works with any plugin but is exercised with one from elsewhere."""
+    import pytest
+
+    return pytest.mark.skipif(
+        name not in registry.plugins(slot),
+        reason=f"{slot}={name} is not installed (archlab's own: pip install -e ./plugins)",
+    )
 
 
 def applicable(case: Case, *, compile: bool = False) -> list[tuple[Check, str | None]]:
