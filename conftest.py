@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
+
+from archlab.testing import suite
 
 #: Overrides that make ``archlab train`` a few-second run on the embedded corpus.
 FAST_TRAIN = (
@@ -30,10 +31,8 @@ FAST_TRAIN = (
 def one_thread() -> Iterator[None]:
     """Decoding is a chain of tiny matmuls: on a busy 2-core machine a second intra-op thread made such
     tests ~14x slower (spin-waiting), so they run single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with suite.one_thread():
+        yield
 
 
 @pytest.fixture
