@@ -56,12 +56,12 @@ class GradSlot:
     def __init__(self) -> None:
         self.grad: Tensor | None = None
 
-    def add_scaled(self, scale: Tensor, grad: Tensor) -> None:
-        """grad += scale · grad_in (scale broadcast over d)."""
+    def add_scaled(self, scale: Tensor, incoming: Tensor) -> None:
+        """grad += scale · incoming (scale broadcast over d)."""
         if self.grad is None:
-            self.grad = grad * scale
+            self.grad = incoming * scale
         else:
-            self.grad.addcmul_(scale, grad)
+            self.grad.addcmul_(scale, incoming)
 
 
 class _DepthLogits(torch.autograd.Function):
@@ -201,7 +201,7 @@ class AttentionResiduals(nn.Module):
         state.logits.append((first_reader, logits.unbind(0)))
 
     def _visible(self, state: DepthState, reader: int) -> tuple[Tensor, list[Tensor], list[GradSlot]]:
-        """The softmax logits (s, b, t), sources and their gradient slots that ``reader`` mixes."""
+        """α (s, b, t), the sources and their gradient slots that ``reader`` mixes."""
         values, slots = list(state.values), list(state.slots)
         logits = [per_reader[reader - first] for first, per_reader in state.logits]
         if state.partial is not None:
@@ -210,7 +210,7 @@ class AttentionResiduals(nn.Module):
             logits.append(_DepthLogits.apply(state.partial, query, self.eps, slot)[0])
             values.append(state.partial)
             slots.append(slot)
-        return torch.stack(logits), values, slots
+        return torch.stack(logits).softmax(dim=0), values, slots
 
     def begin(self, x: Tensor) -> DepthState:
         if self.record_depth_weights:
@@ -221,16 +221,15 @@ class AttentionResiduals(nn.Module):
 
     def weights(self, state: DepthState, reader: int) -> tuple[Tensor, list[Tensor]]:
         """α (s, b, t) and the sources v_0 … v_{s−1}, each (b, t, d), that ``reader`` mixes."""
-        logits, values, _ = self._visible(state, reader)
-        return logits.softmax(dim=0), values
+        alpha, values, _ = self._visible(state, reader)
+        return alpha, values
 
     def read(self, state: DepthState, i: int) -> Tensor:
         if len(state.values) == 1 and state.partial is None:  # the embedding alone: α = 1
             if self.record_depth_weights:
                 self._recorded[i] = torch.ones(1)
             return state.values[0]
-        logits, values, slots = self._visible(state, i)
-        alpha = logits.softmax(dim=0)
+        alpha, values, slots = self._visible(state, i)
         if self.record_depth_weights:
             self._recorded[i] = alpha.mean(dim=(1, 2)).detach()
         return _DepthMix.apply(alpha, slots, *values)
