@@ -32,6 +32,9 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | xformers | sdpa | eager (see archlab.kernels)
     linear_overrides: dict[str, str] = field(default_factory=dict)  # role prefix -> linear plugin
     value_residual: bool = False  # mix layer 1's attention values into later layers (ResFormer)
+    # seed of the parameter initialisation; null: the run's ``seed`` (which also fixes the data order), so a
+    # study can draw a new initialisation while keeping the data order of a paired run
+    init_seed: int | None = None
 
 
 class Schedule(Enum):

@@ -197,8 +197,11 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.split = split or load_split(cfg)
         log.info(self.split.report())
-        torch.manual_seed(cfg.seed)
+        init_seed = cfg.model.init_seed
+        torch.manual_seed(cfg.seed if init_seed is None else init_seed)
         self.model = build_student(cfg).to(self.device)
+        if init_seed is not None:  # randomness drawn after the init follows the run's seed, as without it
+            torch.manual_seed(cfg.seed)
         self.model.kernel = select_kernel(
             cfg.model.attention_backend, self.device, self.compute_dtype, self.model.dims.head_dim
         )
