@@ -1,103 +1,188 @@
-"""``archlab study``: the main job. A reference ladder, plugin students measured against it, one report.
+"""``archlab study``: the main job. A ladder of the baseline's own family, paired-seed arms, one report.
 
 Stages, each printed as one line with the elapsed time:
 
-1. teacher: ``archlab teacher build`` once; every later run only reads its soft targets.
-2. ladder: ``archlab train -m +rung=...``, plain dense students at the rungs of ``archlab/conf/rung``,
-   fitted to L(N) = E + A·N^(−α) (``archlab.density``, Chinchilla eq. 2 at a fixed token budget); the fit
-   is saved as ``ladder_fit.json``.
-3. students: ``archlab train -m +student=...`` with ``density.ladder`` set, so each summary carries its
-   ``density/*`` metrics (effective size N_eff and density N_eff / N, Densing Law arXiv 2412.04315 eq. 1).
-4. report: ``archlab.report.write_report`` writes ``report/index.html``.
+1. teacher: ``archlab teacher build`` once per seed; every later run only reads its soft targets.
+2. ladder: the rungs of ``archlab.ladder`` (seed 0) and the baseline rung at every further seed, fitted to
+   L(N) = E + A·N^(−α) (``archlab.density``; the fit is saved as ``ladder_fit.json``).
+3. arms: the students, a placebo and a negative control at every seed. Seed s fixes the data order of
+   every arm (common random numbers), so arms are compared with the baseline seed by seed.
+   - placebo: the baseline with another initialisation draw (``model.init_seed`` = 1000 + s, same data
+     order): the same function class, so its Δbpb is the noise every student carries; its density
+     interval must contain 1;
+   - control: a deliberately weakened baseline (the preset's ``control``, e.g. half the FFN width)
+     reported at the baseline's full parameter count; its density interval must lie below 1.
+4. calibration (``archlab.calibration``): Δbpb with a 90 % interval, densities whose intervals carry
+   the fit's and the seeds' uncertainty, a verdict per student, the minimum detectable Δbpb; written to
+   ``study.json``.
+5. report: ``archlab.report.write_report`` writes ``report/index.html``, the calibration panel first.
 
-Ladder and students share the teacher, objective, data and token budget (trainer.max_steps × batch_size ×
-grad_accum × model.context): the preset's and the user's overrides go to every run, so density compares
-architectures only. Each multirun is a subprocess with its own Hydra sweep dir under ``--out``; all runs
-share one W&B group. Students are config-group options written at run time into ``<out>/conf/student``
-(``# @package _global_`` files, like sweeps/arch), so the study runs from a non-editable install too.
+Every run shares teacher, objective, data, lr schedule and every override; the budget is equal tokens
+(``--budget tokens``: ``steps`` × batch × accumulation × context each) or equal training FLOPs
+(``--budget flops``: steps scaled by ``train_flops_per_token`` relative to the baseline's). Each job is a
+``# @package _global_`` config option written into ``<out>/conf/job/`` and run by one Hydra multirun per
+stage (``+job=NAME``), so the study runs from a non-editable install too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 import yaml
 
-from archlab import registry
-from archlab.errors import ConfigError
+from archlab import ladder, registry
+from archlab.errors import ArchlabError, ConfigError
+
+PRESETS_DIR = Path(__file__).parent / "studies"
+PLACEBO_INIT_SEED = 1000  # placebo at seed s draws its initialisation with model.init_seed = 1000 + s
 
 
 @dataclass(frozen=True)
-class Student:
-    """A plugin student: config-group choices (slot -> plugin) and plain values, on the base config."""
+class Job:
+    """One training run of the study: an arm at a seed, as a config option (``+job=<name>``)."""
 
-    name: str
-    choices: dict[str, str] = field(default_factory=dict)
-    values: dict[str, object] = field(default_factory=dict)
+    arm: str  # rung name (k4) or arm name (baseline, placebo, control, a student's)
+    role: str  # "rung" or one of archlab.calibration.ROLES
+    seed: int
+    shape: ladder.Shape
+    slots: dict = field(default_factory=dict)  # slot -> plugin name | {field: value, [plugin: name]}
+    init_seed: int | None = None
+    steps: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}_s{self.seed}"
 
     def missing(self) -> list[str]:
         """``slot=plugin`` choices that no installed, loadable plugin provides."""
-        return [f"{s}={p}" for s, p in self.choices.items() if p not in registry.loadable(s)]
+        return [f"{s}={p}" for s, p in self.choices().items() if p not in registry.loadable(s)]
+
+    def choices(self) -> dict[str, str]:
+        return {
+            s: v if isinstance(v, str) else v["plugin"]
+            for s, v in self.slots.items()
+            if isinstance(v, str) or "plugin" in v
+        }
+
+    def values(self) -> dict:
+        """Everything the job sets besides plugin choices (shape, seed, budget, plugin fields)."""
+        model = {**vars(self.shape), **({"init_seed": self.init_seed} if self.init_seed is not None else {})}
+        out: dict = {"model": model, "seed": self.seed, "trainer": {"max_steps": self.steps}}
+        for slot, v in self.slots.items():
+            if isinstance(v, dict) and any(k != "plugin" for k in v):
+                out[slot] = {k: x for k, x in v.items() if k != "plugin"}
+        return out
 
     def yaml(self) -> str:
-        lines = ["# @package _global_", f"# study student {self.name} (written by archlab study)"]
-        if self.choices:
-            lines += ["defaults:", *(f"  - override /{s}: {p}" for s, p in self.choices.items())]
-        lines += [f"{key}: {json.dumps(value)}" for key, value in self.values.items()]
-        return "\n".join(lines) + "\n"
+        head = ["# @package _global_", f"# study job {self.name} ({self.role}; written by archlab study)"]
+        defaults = [f"  - override /{s}: {p}" for s, p in self.choices().items()]
+        if defaults:
+            head += ["defaults:", *defaults, "  - _self_"]
+        return "\n".join(head) + "\n" + yaml.safe_dump(self.values(), sort_keys=False)
+
+    def overrides(self) -> list[str]:
+        """The same job as command-line overrides (to compose its config without Hydra's search path)."""
+        flat = [f"{s}={p}" for s, p in self.choices().items()]
+
+        def walk(prefix: str, node) -> None:
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    flat.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, str) else v}")
+
+        walk("", self.values())
+        return flat
 
 
 @dataclass(frozen=True)
 class Preset:
-    rungs: tuple[str, ...]  # options of archlab/conf/rung
-    students: tuple[str, ...]  # names in STUDENTS
-    overrides: tuple[str, ...] = ()  # for every run, before the user's
-    student_rung: str | None = None  # the students' shape; None: the base config's model
+    """A study design: ladder rungs, baseline rung, seeds, budget, students and the control (YAML)."""
+
+    name: str
+    rungs: tuple[int, ...]
+    baseline_rung: int
+    seeds: int
+    steps: int
+    overrides: tuple[str, ...]
+    students: dict[str, dict]
+    control: dict
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Preset:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = PRESETS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+            raise ConfigError("--preset", name_or_path, f"one of {names}, or a study YAML file")
+        raw = yaml.safe_load(path.read_text())
+        try:
+            preset = cls(
+                name=path.stem,
+                rungs=tuple(int(k) for k in raw["rungs"]),
+                baseline_rung=int(raw["baseline_rung"]),
+                seeds=int(raw["seeds"]),
+                steps=int(raw["steps"]),
+                overrides=tuple(str(o) for o in raw.get("overrides") or ()),
+                students=dict(raw.get("students") or {}),
+                control=dict(raw["control"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                "--preset", str(path), f"a study YAML like {PRESETS_DIR}/full.yaml ({exc!r})"
+            ) from None
+        if preset.baseline_rung not in preset.rungs or len(set(preset.rungs)) < 3:
+            raise ConfigError("--preset", str(path), "at least 3 rungs, the baseline_rung among them")
+        return preset
+
+    def jobs(self, students: list[str], seeds: int, steps: int) -> tuple[list[Job], list[Job]]:
+        """(ladder jobs, arm jobs). The baseline at seed 0 is the ladder's rung run itself."""
+        base_shape = ladder.rung_shape(self.baseline_rung)
+        rung = [Job(ladder.rung_name(k), "rung", 0, ladder.rung_shape(k), steps=steps) for k in self.rungs]
+        base = [Job("baseline", "baseline", s, base_shape, steps=steps) for s in range(1, seeds)]
+        arms = []
+        for s in range(seeds):
+            arms += [Job(n, "student", s, base_shape, self.students[n], steps=steps) for n in students]
+            arms.append(
+                Job("placebo", "placebo", s, base_shape, init_seed=PLACEBO_INIT_SEED + s, steps=steps)
+            )
+            arms.append(Job("control", "control", s, base_shape, self.control, steps=steps))
+        return rung + base, arms
 
 
-# Candidates; a student whose plugin is not installed is skipped (and said so).
-STUDENTS = {
-    s.name: s
-    for s in (
-        Student("mha"),  # the dense baseline at the students' shape (density ≈ 1 if the ladder holds)
-        Student("mqa", values={"attention": {"n_kv_heads": 1}}),  # core attention, one K/V head
-        Student("mla", {"attention": "mla"}),
-        Student("relu2", {"ffn": "relu2"}),
-        Student("moe", {"ffn": "moe"}),
-    )
-}
+def flops_steps(jobs: list[Job], base: Job, overrides: list[str]) -> list[Job]:
+    """``--budget flops``: each job's steps scaled so its training FLOPs equal the baseline's."""
+    import torch
 
-PRESETS = {
-    # ~15 min on 2 CPU cores: 6 ladder runs over 1.56 decades (55 K to 2.0 M non-embedding parameters, rung m
-    # twice for seed noise), then 5 students at the tiny shape (0.79 M), all at 200 steps × 16 × 256 tokens.
-    "full": Preset(
-        rungs=("xs", "s", "m", "m_seed1", "l", "xl"),
-        students=("mha", "mqa", "mla", "relu2", "moe"),
-        overrides=("trainer.max_steps=200",),
-    ),
-    # ~3 min: 3 rungs (55 K to 692 K, 1.1 decades) and 3 students at rung m's shape (332 K), 150 steps at
-    # context 128. (At 80 steps rung s came out worse than xs: too few steps to order the sizes.)
-    "quick": Preset(
-        rungs=("xs", "m", "l"),
-        students=("mha", "mla", "relu2"),
-        overrides=("trainer.max_steps=150", "model.context=128", "trainer.eval_tokens=32768"),
-        student_rung="m",
-    ),
-}
+    from archlab.config import compose
+    from archlab.metrics import model_metrics
+    from archlab.model import build_student
+
+    def flops(job: Job) -> int:
+        cfg = compose([*overrides, *job.overrides()])
+        return model_metrics(build_student(cfg), compute_dtype=torch.float32)["train_flops_per_token"]
+
+    target = flops(base) * base.steps
+    return [replace(j, steps=max(1, round(target / flops(j)))) for j in jobs]
 
 
 class Study:
     """Runs the stages into ``out``, printing one line per stage."""
 
-    def __init__(self, out: Path, preset: Preset, overrides: list[str]) -> None:
-        self.out, self.preset = out, preset
+    def __init__(
+        self, out: Path, preset: Preset, overrides: list[str], budget: str, jobs: int, wandb: bool = False
+    ) -> None:
+        self.out, self.preset, self.budget, self.jobs, self.wandb = out, preset, budget, jobs, wandb
         self.group = f"study_{out.name}"
         self.overrides = ["trainer.progress=false", *preset.overrides, *overrides]
         self.start = time.perf_counter()
@@ -114,146 +199,271 @@ class Study:
             cmd = [sys.executable, "-m", "archlab.cli", *args]
             f.write(" ".join(cmd) + "\n\n")
             f.flush()
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         if code != 0:
             tail = "\n".join(log.read_text().splitlines()[-25:])
             raise StudyError(f"stage {stage} failed (exit {code}); last lines of {log}:\n{tail}")
 
-    def multirun(self, stage: str, swept: str, fixed: list[str], extra: list[str] = ()) -> list[Path]:
-        """One ``archlab train -m SWEPT FIXED...`` into ``<out>/<stage>``; the job dirs that wrote a summary.
+    def multirun(self, stage: str, jobs: list[Job]) -> dict[str, Path]:
+        """One ``archlab train -m +job=...`` into ``<out>/<stage>``; job name -> run dir with a summary.
 
-        Runs are named (W&B) by the swept override alone: the fixed ones are the same for every job.
+        With ``jobs > 1`` the runs go to Hydra's joblib launcher, ``jobs`` processes of
+        ``cpu_count // jobs`` threads each, the largest models first (tiny models use a second thread
+        poorly, so two one-thread runs side by side finish sooner than one two-thread run after another).
         """
+        conf = self.out / "conf" / "job"
+        conf.mkdir(parents=True, exist_ok=True)
+        jobs = sorted(jobs, key=lambda j: j.shape.d_model**2 * j.shape.n_layers * j.steps, reverse=True)
+        for job in jobs:
+            (conf / f"{job.name}.yaml").write_text(job.yaml())
         sweep_dir = self.out / stage
-        fixed = [*fixed, f"logger.group={self.group}", *self.overrides]
+        fixed = [f"logger.group={self.group}", *self.overrides]
+        if self.jobs > 1 and not any(_key(o) == "hydra/launcher" for o in fixed):
+            fixed += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={self.jobs}"]
         keys = sorted({_key(o) for o in _app_overrides(fixed)})
         self.archlab(
             stage,
             "train",
             "-m",
-            *extra,
-            swept,
+            "--config-dir",
+            str(conf.parent),
+            "+job=" + ",".join(j.name for j in jobs),
             f"hydra.sweep.dir={sweep_dir}",
             f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]",
             *fixed,
         )
-        return sorted((p.parent for p in sweep_dir.glob("*/summary.json")), key=lambda d: int(d.name))
+        runs = {}
+        for summary in sweep_dir.glob("*/summary.json"):
+            overrides = yaml.safe_load(summary.with_name(".hydra").joinpath("overrides.yaml").read_text())
+            runs[next(o.split("=", 1)[1] for o in overrides if o.startswith("+job="))] = summary.parent
+        missing = sorted({j.name for j in jobs} - set(runs))
+        if missing:
+            raise StudyError(f"stage {stage}: no summary.json for {', '.join(missing)} (logs/{stage}.log)")
+        return runs
 
-    def teacher(self) -> None:
-        self.archlab("teacher", "teacher", "build", *_app_overrides(self.overrides))
-        self.say("teacher: soft targets ready (logs/teacher.log)")
+    def teacher(self, jobs: list[Job]) -> None:
+        for seed in sorted({j.seed for j in jobs}):
+            steps = max(j.steps for j in jobs if j.seed == seed)
+            overrides = [*_app_overrides(self.overrides), f"seed={seed}", f"trainer.max_steps={steps}"]
+            self.archlab(f"teacher_s{seed}", "teacher", "build", *overrides)
+        self.say(
+            f"teacher: soft targets ready for seeds {sorted({j.seed for j in jobs})} (logs/teacher_s*.log)"
+        )
 
-    def ladder(self):
-        from archlab.report.runs import load_ladder
+    def fit(self, runs: dict[str, Path]):
+        """The ladder fit over every rung run (``ladder_fit.json``), printed with its points."""
+        from archlab.density import fit_ladder
 
-        runs = self.multirun("ladder", "+rung=" + ",".join(self.preset.rungs), [])
-        fit = load_ladder(self.out / "ladder")
+        summaries = {name: _summary(path) for name, path in runs.items()}
+        fit = fit_ladder(
+            [s["params/non_embedding"] for s in summaries.values()],
+            [s["val/bpb"] for s in summaries.values()],
+        )
         fit.save(self.out / "ladder_fit.json")
-        points = ", ".join(f"{int(a):,}: {b:.3f}" for a, b in sorted(fit.points))
-        self.say(f"ladder: {len(runs)} runs (N: bpb) {points}")
+        points = ", ".join(f"{n}: {s['val/bpb']:.3f}" for n, s in sorted(summaries.items()))
+        self.say(f"ladder: {len(runs)} runs (bpb) {points}")
         self.say(
             f"ladder fit: L(N) = {fit.E:.3f} + {fit.A:.3g}·N^-{fit.alpha:.3f}, residual RMS "
             f"{fit.residual_rms:.4f} bpb -> {self.out / 'ladder_fit.json'}"
         )
         for warning in fit.warnings():
             self.say(f"ladder fit warning: {warning}")
-        return runs, fit
+        return fit
 
-    def students(self, names: list[str]) -> list[Path]:
-        conf = self.out / "conf" / "student"
-        conf.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            (conf / f"{name}.yaml").write_text(STUDENTS[name].yaml())
-        shape = [f"+rung={self.preset.student_rung}"] if self.preset.student_rung else []
-        runs = self.multirun(
-            "students",
-            "+student=" + ",".join(names),
-            [*shape, f"density.ladder={self.out / 'ladder_fit.json'}"],
-            extra=["--config-dir", str(conf.parent)],
-        )
-        for run in runs:
-            s = json.loads((run / "summary.json").read_text())
-            overrides = yaml.safe_load(run.joinpath(".hydra", "overrides.yaml").read_text())
-            name = next(o.split("=", 1)[1] for o in overrides if o.startswith("+student="))
-            density, active = s.get("density/per_param"), s.get("density/per_active_param")
-            flag = " (extrapolated)" if s.get("density/extrapolated") else ""
-            if active is not None and active != density:
-                flag = f", per active parameter {active:.2f}{flag}"
-            where = f"density {density:.2f}{flag}" if density is not None else "no density (beyond the fit)"
-            self.say(
-                f"student {name}: val bpb {s['val/bpb']:.4f}, {s['params/non_embedding']:,} params, {where}"
-            )
-        return runs
-
-    def run(self, names: list[str]) -> Path:
+    def run(self, ladder_jobs: list[Job], arm_jobs: list[Job]) -> Path:
+        from archlab.calibration import calibrate, calibration_problems
         from archlab.report import load_runs, write_report
 
-        self.teacher()
-        ladder_runs, fit = self.ladder()
-        student_runs = self.students(names)
-        index = write_report(load_runs([*ladder_runs, *student_runs]), fit, self.out / "report")
-        self.say(f"report written ({len(ladder_runs)} ladder runs, {len(student_runs)} students)")
+        self.teacher([*ladder_jobs, *arm_jobs])
+        runs = self.multirun("runs", [*ladder_jobs, *arm_jobs])
+        self.say(f"runs: {len(runs)} done ({self.jobs} at a time) -> {self.out / 'runs'}")
+        rung_runs = {j.name: runs[j.name] for j in ladder_jobs if j.role == "rung"}
+        fit = self.fit(rung_runs)
+        base_rung = ladder.rung_name(self.preset.baseline_rung)
+        baseline = [("baseline_s0", runs[f"{base_rung}_s0"])]
+        baseline += [(j.name, runs[j.name]) for j in ladder_jobs if j.role == "baseline"]
+        study = calibrate(arms_of([*baseline, *((j.name, runs[j.name]) for j in arm_jobs)]), fit)
+        study = {"budget": self.budget, "seeds": self.seeds(arm_jobs), "preset": self.preset.name} | study
+        study["fit"] = {k: v for k, v in fit.to_dict().items() if k != "boot"}
+        write_json(self.out / "study.json", study)
+        for line in summary_lines(study):
+            self.say(line)
+        for problem in calibration_problems(study):
+            self.say(f"CALIBRATION FAILED: {problem}")
+        loaded = load_runs(list(runs.values()))
+        index = write_report(loaded, fit, self.out / "report", study=study)
+        self.say(f"report written ({len(rung_runs)} ladder runs, {len(runs)} runs in all) -> study.json")
+        if self.wandb:
+            from archlab.report.publish import publish_if_possible
+
+            publish_if_possible(loaded, fit, project=None, entity=None, study=study)
         return index
 
+    @staticmethod
+    def seeds(jobs: list[Job]) -> int:
+        return len({j.seed for j in jobs})
 
-class StudyError(RuntimeError):
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def arms_of(runs: list[tuple[str, Path]]):
+    """calibration.Arm per arm from ``(job name, run dir)`` pairs (job names are ``<arm>_s<seed>``)."""
+    from archlab.calibration import Arm
+
+    grouped: dict[str, list[tuple[int, dict]]] = {}
+    for name, path in runs:
+        arm, seed = name.rsplit("_s", 1)
+        grouped.setdefault(arm, []).append((int(seed), _summary(path)))
+    base = dict(sorted(grouped["baseline"]))[0]
+    arms = []
+    for arm, results in grouped.items():
+        results.sort(key=lambda r: r[0])
+        role = arm if arm in ("baseline", "placebo", "control") else "student"
+        last = results[0][1]
+        n = base["params/non_embedding"] if role == "control" else last["params/non_embedding"]
+        n_active = last.get("params/active_non_embedding", last["params/non_embedding"])
+        n_active = n if role == "control" else n_active
+        arms.append(
+            Arm(arm, role, tuple(s for s, _ in results), tuple(r["val/bpb"] for _, r in results), n, n_active)
+        )
+    return arms
+
+
+def summary_lines(study: dict) -> list[str]:
+    """The study's result as printed lines: calibration, then one line per arm."""
+    c = study["calibration"]
+    ok = "passed" if c["placebo_ok"] and c["control_ok"] else "FAILED"
+    out = [
+        f"calibration {ok}: placebo {'ok' if c['placebo_ok'] else 'NOT ok'}, control "
+        f"{'ok' if c['control_ok'] else 'NOT ok'}; seed noise {c['seed_noise_bpb']:.4f} bpb "
+        f"({c['seed_noise_dof']} dof), fit residual RMS {c['fit_residual_rms']:.4f} bpb, minimum detectable "
+        f"Δbpb {c['mde_bpb']:.4f} ({study['seeds']} seeds, {study['budget']} budget)"
+    ]
+    for r in study["students"]:
+        out.append(
+            f"{r['role']} {r['name']}: bpb {r['bpb_mean']:.4f}, Δbpb {r['delta_bpb']:+.4f} "
+            f"[{r['delta_bpb_lo']:+.4f}, {r['delta_bpb_hi']:+.4f}], density {r['density']:.2f} "
+            f"[{r['density_lo']:.2f}, {r['density_hi']:.2f}] -> {r['verdict']}"
+        )
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Publish ``data`` as JSON at ``path``: temp file, fsync, rename (non-finite numbers become null)."""
+    text = json.dumps(_finite(data), indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _finite(node):
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_finite(v) for v in node]
+    if isinstance(node, float) and not (node == node and abs(node) != float("inf")):
+        return None
+    return node
+
+
+class StudyError(ArchlabError, RuntimeError):
     """A stage's subprocess failed; the message points at its log."""
 
 
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="archlab study",
-        description="The main job: train a dense reference ladder and plugin students under one shared "
-        "teacher and token budget, fit the ladder, and write a capability-density report.",
+        description="The main job: a dense ladder of the baseline's own family and paired-seed plugin "
+        "students, a placebo and a negative control under one teacher and budget; a calibrated "
+        "capability-density report and study.json.",
     )
-    parser.add_argument("--quick", action="store_true", help="the ~3-minute preset (3 rungs, 3 students)")
+    parser.add_argument("--preset", default="full", help="full (default), quick, long, or a study YAML file")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    parser.add_argument("--seeds", type=int, help="paired seeds per arm (default: the preset's)")
+    parser.add_argument(
+        "--budget", choices=("tokens", "flops"), default="tokens", help="equal tokens or FLOPs"
+    )
     parser.add_argument("--out", help="output dir (default: outputs/study/<date>_<time>)")
+    parser.add_argument("--students", help="comma-separated subset of the preset's students")
     parser.add_argument(
-        "--students",
-        help=f"comma-separated subset of {','.join(STUDENTS)} (default: the preset's)",
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (default: 2)"
     )
-    parser.add_argument(
-        "overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.max_steps=50"
-    )
+    parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.lr=1e-3")
     opts = parser.parse_args(args)
-    preset = PRESETS["quick" if opts.quick else "full"]
+    preset = Preset.load("quick" if opts.quick else opts.preset)
+    seeds = preset.seeds if opts.seeds is None else opts.seeds
+    if seeds < 1:
+        raise ConfigError("--seeds", seeds, "a positive number of seeds")
+    if opts.jobs < 1:
+        raise ConfigError("--jobs", opts.jobs, "a positive number of parallel runs")
     names = opts.students.split(",") if opts.students else list(preset.students)
-    unknown = [n for n in names if n not in STUDENTS]
+    unknown = [n for n in names if n not in preset.students]
     if unknown:
-        raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(STUDENTS)}")
+        raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(preset.students)}")
     out = Path(opts.out or Path("outputs", "study", datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError("--out", str(out), "a new or empty directory")
-    _check_overrides([*preset.overrides, *opts.overrides])
-    available = []
-    for name in names:
-        missing = STUDENTS[name].missing()
-        if missing:
-            print(f"archlab study: skipping student {name}: no installed plugin for {', '.join(missing)}")
-        else:
-            available.append(name)
-    if not available:
-        raise ConfigError("--students", ",".join(names), "at least one student whose plugins are installed")
+    steps, overrides = _steps(preset, opts.overrides)
+    ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)
+    _check_overrides([*preset.overrides, *overrides], [*ladder_jobs, *arm_jobs])
+    skipped = {j.arm: j.missing() for j in arm_jobs if j.missing()}
+    for arm, missing in skipped.items():
+        print(f"archlab study: skipping student {arm}: no installed plugin for {', '.join(missing)}")
+    arm_jobs = [j for j in arm_jobs if j.arm not in skipped]
+    if opts.budget == "flops":
+        base = ladder_jobs[preset.rungs.index(preset.baseline_rung)]
+        app = _app_overrides([*preset.overrides, *overrides])
+        ladder_jobs, arm_jobs = flops_steps(ladder_jobs, base, app), flops_steps(arm_jobs, base, app)
+    if seeds == 1:
+        print("archlab study: warning: one seed per arm: the seed noise comes from the placebo alone and "
+              "the placebo check cannot fail; use --seeds 2 or more for a calibrated study")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    study = Study(out.resolve(), preset, opts.overrides)
+    study = Study(out.resolve(), preset, overrides, opts.budget, opts.jobs, opts.wandb)
+    rungs = ",".join(ladder.rung_name(k) for k in preset.rungs)
     study.say(
-        f"study in {study.out}: ladder rungs {','.join(preset.rungs)}; students {','.join(available)}; "
-        f"overrides {' '.join(study.overrides)}"
+        f"study in {study.out}: preset {preset.name}, {seeds} seed(s), {opts.budget} budget; rungs "
+        f"{rungs} (baseline {ladder.rung_name(preset.baseline_rung)}); {opts.jobs} run(s) at a time; "
+        f"students {','.join(n for n in names if n not in skipped)}; overrides {' '.join(study.overrides)}"
     )
-    try:
-        index = study.run(available)
-    except StudyError as exc:
-        print(f"archlab study: error: {exc}", file=sys.stderr)
-        return 1
+    index = study.run(ladder_jobs, arm_jobs)
     print(f"report: {index}")
     return 0
 
 
-def _check_overrides(overrides: list[str]) -> None:
-    """Compose and validate the base config with the study's overrides before any work."""
+def _steps(preset: Preset, overrides: list[str]) -> tuple[int, list[str]]:
+    """The baseline's trainer.max_steps (the preset's, or the user's override) and the other overrides."""
+    steps, rest = preset.steps, []
+    for o in overrides:
+        if _key(o) == "trainer.max_steps":
+            try:
+                steps = int(o.split("=", 1)[1])
+            except ValueError:
+                raise ConfigError("trainer.max_steps", o.split("=", 1)[1], "a positive integer") from None
+        else:
+            rest.append(o)
+    if steps < 1:
+        raise ConfigError("trainer.max_steps", steps, "a positive integer")
+    return steps, rest
+
+
+def _check_overrides(overrides: list[str], jobs: list[Job]) -> None:
+    """Compose and validate every job's config with the study's overrides before any work."""
     from archlab.config import compose, validate
 
-    validate(compose(_app_overrides(overrides)))
+    seen = set()
+    for job in jobs:
+        if job.arm in seen or job.missing():
+            continue
+        seen.add(job.arm)
+        validate(compose([*_app_overrides(overrides), *job.overrides()]))
 
 
 def _key(override: str) -> str:

@@ -335,3 +335,41 @@ def test_publish_updates_run_summaries_and_saves_the_report(written, fit, monkey
     assert set(remote) == {f"me/archlab-test/id{i}" for i in (0, 2, 3, 4)}  # #5 has no density
     assert remote["me/archlab-test/id0"]["density/per_param"] == pytest.approx(1.0, abs=0.01)
     assert remote["me/archlab-test/id4"]["density/extrapolated"] is True
+
+
+@pytest.fixture(scope="module")
+def study_result(fit) -> dict:
+    """A study.json-like result over the fixture ladder: the baseline, a placebo, a control, one student."""
+    from archlab.calibration import Arm, calibrate
+
+    n = sorted(fit.points)[len(fit.points) // 2][0]  # the baseline at a middle rung
+    base = [3.00, 3.02]
+    arms = [
+        Arm("baseline", "baseline", (0, 1), tuple(base), n, n),
+        Arm("placebo", "placebo", (0, 1), (3.004, 3.018), n, n),
+        Arm("control", "control", (0, 1), (3.30, 3.31), n, n),
+        Arm("mla", "student", (0, 1), (2.95, 2.97), n, n),
+    ]
+    return {"budget": "tokens", "seeds": 2, "preset": "test"} | calibrate(arms, fit)
+
+
+def test_a_study_report_puts_calibration_and_verdicts_first(dirs, fit, study_result) -> None:
+    runs = load_runs([dirs["sweep"]])
+    index = write_report(runs, fit, dirs["root"] / "study_report", study=study_result)
+    html_text = index.read_text()
+    order = [html_text.index(s) for s in ("Calibration", "Verdicts", "delta_bpb", "density_intervals")]
+    assert order == sorted(order) and order[-1] < html_text.index("ladder_fit")
+    assert (index.parent / "delta_bpb.png").is_file() and not (index.parent / "density.png").exists()
+    for name in ("placebo", "control", "mla"):
+        assert name in html_text
+
+
+def test_a_study_wandb_report_opens_with_its_calibration(written, fit, study_result) -> None:
+    import wandb_workspaces.reports.v2 as wr
+
+    report = build_wandb_report(written[0], fit, project="p", entity="me", study=study_result)
+    assert [b.text for b in report.blocks[:1]] == ["Calibration"]
+    verdicts = report.blocks[4].text
+    assert "placebo" in verdicts and "control" in verdicts and "mla" in verdicts
+    grid = next(b for b in report.blocks if isinstance(b, wr.PanelGrid))
+    assert not any(isinstance(p, wr.BarPlot) for p in grid.panels)  # per-run densities left out

@@ -59,8 +59,12 @@ def test_a_loss_below_the_fit_floor_gives_no_density(fit_json: Path, caplog) -> 
 @pytest.mark.parametrize(
     ("args", "key"),
     [
-        (["--students", "mha,nope"], "--students"),
+        (["--students", "mla,nope"], "--students"),
+        (["--preset", "nope"], "--preset"),
+        (["--seeds", "0"], "--seeds"),
+        (["--jobs", "0"], "--jobs"),
         (["trainer.max_steps=0"], "trainer.max_steps"),
+        (["trainer.lr=-1"], "trainer.lr"),
     ],
 )
 def test_study_refuses_bad_input_before_any_work(args: list[str], key: str, tmp_path: Path) -> None:
@@ -76,22 +80,58 @@ def test_study_refuses_a_used_output_dir(tmp_path: Path) -> None:
         study.main(["--out", str(tmp_path)])
 
 
-def test_every_preset_names_known_rungs_and_students() -> None:
-    rungs = {p.stem for p in (Path(study.__file__).parent / "conf" / "rung").glob("*.yaml")}
-    for name, preset in study.PRESETS.items():
-        assert set(preset.rungs) <= rungs and set(preset.students) <= set(study.STUDENTS), name
-        assert len({r.split("_seed")[0] for r in preset.rungs}) >= 3, f"{name}: a fit needs >= 3 sizes"
-    assert len({r.split("_seed")[0] for r in study.PRESETS["full"].rungs}) >= 5
+def test_a_preset_without_three_rungs_around_its_baseline_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "two.yaml"
+    bad.write_text("rungs: [3, 4]\nbaseline_rung: 4\nseeds: 2\nsteps: 10\ncontrol: {ffn: {hidden_dim: 8}}\n")
+    with pytest.raises(ConfigError, match="at least 3 rungs"):
+        study.Preset.load(str(bad))
+
+
+@pytest.mark.parametrize("name", ["full", "quick", "long"])
+def test_every_preset_composes_and_pairs_its_arms(name: str) -> None:
+    """Every job validates; every arm runs at the baseline's shape and at the same seeds and steps."""
+    preset = study.Preset.load(name)
+    ladder_jobs, arm_jobs = preset.jobs(list(preset.students), preset.seeds, preset.steps)
+    assert len({j.name for j in [*ladder_jobs, *arm_jobs]}) == len(ladder_jobs) + len(arm_jobs)
+    study._check_overrides(list(preset.overrides), [*ladder_jobs, *arm_jobs])
+    base = study.ladder.rung_shape(preset.baseline_rung)
+    assert {j.shape for j in arm_jobs} == {base}
+    arms = {j.arm for j in arm_jobs}
+    assert {"placebo", "control"} <= arms
+    for arm in arms:
+        assert sorted(j.seed for j in arm_jobs if j.arm == arm) == list(range(preset.seeds)), arm
+    baseline_seeds = [0] + [j.seed for j in ladder_jobs if j.role == "baseline"]
+    assert sorted(baseline_seeds) == list(range(preset.seeds))
+    assert {j.steps for j in [*ladder_jobs, *arm_jobs]} == {preset.steps}
+
+
+def test_the_placebo_differs_from_the_baseline_only_in_its_initialisation() -> None:
+    preset = study.Preset.load("full")
+    ladder_jobs, arm_jobs = preset.jobs(list(preset.students), 2, 10)
+    baseline = next(j for j in ladder_jobs if j.role == "baseline")
+    placebo = next(j for j in arm_jobs if j.arm == "placebo" and j.seed == baseline.seed)
+    base_cfg = compose([*preset.overrides, *baseline.overrides()])
+    placebo_cfg = compose([*preset.overrides, *placebo.overrides()])
+    assert placebo_cfg.model.init_seed not in (None, base_cfg.seed)
+    placebo_cfg.model.init_seed = base_cfg.model.init_seed
+    assert placebo_cfg == base_cfg
+
+
+def test_flops_budget_gives_a_costlier_student_fewer_steps() -> None:
+    preset = study.Preset.load("full")
+    ladder_jobs, arm_jobs = preset.jobs(["mqa", "moe"], 1, 100)
+    base = ladder_jobs[preset.rungs.index(preset.baseline_rung)]
+    steps = {j.arm: j.steps for j in study.flops_steps(arm_jobs, base, list(preset.overrides))}
+    assert steps["placebo"] == 100 and steps["control"] > 100  # the control's FFN is half as wide
+    assert steps["mqa"] > 100  # fewer K/V projections: cheaper per token
 
 
 @pytest.mark.slow
-def test_quick_study_writes_a_report_with_every_run(run_cli, tmp_path: Path) -> None:
+def test_quick_study_writes_a_calibrated_study_json(run_cli, tmp_path: Path) -> None:
     out = tmp_path / "study"
     result = run_cli(
         "study",
         "--quick",
-        "--students",
-        "mha,mla",
         "--out",
         str(out),
         "logger=none",
@@ -101,20 +141,30 @@ def test_quick_study_writes_a_report_with_every_run(run_cli, tmp_path: Path) -> 
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "one seed per arm" in result.stdout  # the quick preset's single seed is warned about
     stages = [
         line.split("] ", 1)[1].split(":")[0] for line in result.stdout.splitlines() if line.startswith("[")
     ]
-    assert stages[:3] == ["study in " + str(out), "teacher", "ladder"], stages
+    assert stages[:4] == ["study in " + str(out), "teacher", "runs", "ladder"], stages
     index = Path(result.stdout.strip().splitlines()[-1].removeprefix("report: "))
     assert index == out / "report" / "index.html" and index.is_file()
-    fit = json.loads((out / "ladder_fit.json").read_text())
-    assert len(fit["points"]) == len(study.PRESETS["quick"].rungs)
-    students = sorted((out / "students").glob("*/summary.json"))
-    assert len(students) == 2
+    result_json = json.loads((out / "study.json").read_text())
+    preset = study.Preset.load("quick")
+    assert result_json["budget"] == "tokens" and result_json["seeds"] == 1
+    assert len(result_json["fit"]["points"]) == len(preset.rungs)
+    calibration = result_json["calibration"]
+    for key in ("placebo_ok", "control_ok"):
+        assert isinstance(calibration[key], bool), key
+    for key in ("mde_bpb", "seed_noise_bpb", "fit_residual_rms"):
+        assert isinstance(calibration[key], float) and calibration[key] >= 0, key
+    rows = {r["name"]: r for r in result_json["students"]}
+    assert {r["role"] for r in rows.values()} == {"baseline", "placebo", "control", "student"}
+    assert set(rows) == {"baseline", "placebo", "control", *preset.students}
+    for row in rows.values():
+        assert row["verdict"] in ("denser", "less dense", "no detectable difference"), row
+        assert row["delta_bpb_lo"] <= row["delta_bpb"] <= row["delta_bpb_hi"], row
+    assert rows["baseline"]["delta_bpb"] == 0
     html = index.read_text()
-    for job in [*(f"+rung={r}" for r in study.PRESETS["quick"].rungs), "+student=mha", "+student=mla"]:
-        assert job in html, job
-    # the mha student is the ladder's rung m trained again (same shape, seed, data): it IS a ladder point
-    mha = json.loads(students[0].read_text())
-    assert mha["params/non_embedding"] == 332_448
-    assert mha["density/per_param"] == pytest.approx(1.0, rel=0.05)
+    assert html.index("Calibration") < html.index("Verdicts")
+    for row in rows:
+        assert row in html, row

@@ -123,8 +123,9 @@ def test_residuals_sweep_matches_parameters_and_changes_the_depth_stream() -> No
 
 
 def test_ladder_is_dense_geometric_and_trained_like_the_students() -> None:
-    """>= 5 plain dense sizes over >= 1.5 decades of non-embedding parameters, about geometric, one head
-    size, depth growing with width, a repeated seed; everything else as the architecture sweeps have it."""
+    """>= 5 plain dense sizes over >= 1.3 decades of non-embedding parameters, each > 1.5x the last, one head
+    size, depth growing with width, the students' shape among them; everything else as the architecture
+    sweeps have it."""
     configs = [compose_sweep("ladder", job) for job in sweep_jobs("ladder")]
     by_size: dict[int, list[DictConfig]] = {}
     for cfg in configs:
@@ -133,14 +134,16 @@ def test_ladder_is_dense_geometric_and_trained_like_the_students() -> None:
         n = model_metrics(build_student(cfg), torch.float32)["params/non_embedding"]
         by_size.setdefault(n, []).append(cfg)
     sizes = sorted(by_size)
-    assert len(sizes) >= 5 and math.log10(sizes[-1] / sizes[0]) >= 1.5, sizes
+    assert len(sizes) >= 5 and math.log10(sizes[-1] / sizes[0]) >= 1.3, sizes
     ratios = [b / a for a, b in zip(sizes, sizes[1:], strict=False)]
-    assert max(ratios) / min(ratios) < 1.5, ratios  # each step about the same factor
+    assert min(ratios) > 1.5, ratios  # N ∝ k³ (archlab/ladder.py): each rung well above the last
     shapes = sorted({(c.model.d_model, c.model.n_layers) for c in configs})
     assert [depth for _, depth in shapes] == sorted(depth for _, depth in shapes)
     assert len({c.model.d_model // c.model.n_heads for c in configs}) == 1
-    assert any(len({c.seed for c in same}) > 1 for same in by_size.values()), "no size repeats a seed"
     student = compose_sweep("attention", ["arch=mha"])
+    assert (student.model.d_model, student.model.n_layers, student.model.n_heads) in {
+        (c.model.d_model, c.model.n_layers, c.model.n_heads) for c in configs
+    }
     for cfg in configs:
         for key in ("trainer", "teacher", "objective", "distill", "data", "corpus"):
             assert cfg[key] == student[key], key

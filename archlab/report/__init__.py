@@ -22,6 +22,7 @@ from pathlib import Path
 
 from archlab.density import LadderFit
 from archlab.errors import ConfigError
+from archlab.report import calibration
 from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot
 from archlab.report.runs import Run, attach_density, load_ladder, load_runs
 
@@ -157,8 +158,15 @@ def _fit_text(fit: LadderFit | None) -> str:
     )
 
 
-def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, common) -> str:
-    md = [f"# {title}", "", _fit_text(fit), ""]
+def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, common, study) -> str:
+    md = [f"# {title}", ""]
+    if study is not None:
+        s_header, s_rows = calibration.rows(study)
+        md += ["## Calibration", "", *(f"- {line}" for line in calibration.panel(study)), ""]
+        md += [calibration.HOW_TO_READ, "", "## Verdicts", ""]
+        md += ["| " + " | ".join(s_header) + " |", "|" + "---|" * len(s_header)]
+        md += ["| " + " | ".join(row) + " |" for row in s_rows] + [""]
+    md += ["## Ladder", "", _fit_text(fit), ""]
     md += ["## Notes", "", *(f"- {n}" for n in note_lines or ["none"]), ""]
     md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in figures), ""]
     md += ["## Runs", "", f"Common to all runs: {common or '–'}", ""]
@@ -180,23 +188,37 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _html(title, fit, runs, figures, run_plots, header, rows, note_lines, common) -> str:
+def _html_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    e = html.escape
+    out = ["<table><tr>", *(f"<th>{e(h)}</th>" for h in header), "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
+    return [*out, "</table>"]
+
+
+def _html(title, fit, runs, figures, run_plots, header, rows, note_lines, common, study) -> str:
     e = html.escape
     out = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>",
         "body{font-family:sans-serif;margin:2em;max-width:1400px} img{max-width:100%}"
         "table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px}"
-        "td{text-align:right} td:nth-child(2){text-align:left}</style></head><body>",
-        f"<h1>{e(title)}</h1><p>{e(_fit_text(fit))}</p><h2>Notes</h2><ul>",
+        "td{text-align:right} td:nth-child(2){text-align:left} .fail{color:#b00;font-weight:bold}"
+        "</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    if study is not None:
+        lines = calibration.panel(study)
+        passed = study["calibration"]["placebo_ok"] and study["calibration"]["control_ok"]
+        out += [f"<h2>Calibration</h2><p class='{'' if passed else 'fail'}'>{e(lines[0])}</p><ul>"]
+        out += [*(f"<li>{e(line)}</li>" for line in lines[1:]), f"</ul><p>{e(calibration.HOW_TO_READ)}</p>"]
+        out += ["<h2>Verdicts</h2>", *_html_table(*calibration.rows(study))]
+    out += [
+        f"<h2>Ladder</h2><p>{e(_fit_text(fit))}</p><h2>Notes</h2><ul>",
         *(f"<li>{e(n)}</li>" for n in note_lines or ["none"]),
         "</ul><h2>Plots</h2>",
         *(f"<p>{_img(p)}</p>" for p in figures),
-        f"<h2>Runs</h2><p>Common to all runs: {e(common or '–')}</p><table><tr>",
-        *(f"<th>{e(h)}</th>" for h in header),
-        "</tr>",
+        f"<h2>Runs</h2><p>Common to all runs: {e(common or '–')}</p>",
+        *_html_table(header, rows),
     ]
-    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
-    out.append("</table>")
     for i, (run, pngs) in enumerate(zip(runs, run_plots, strict=True)):
         if pngs:
             out += [f"<h3>#{i} {e(run.name)}</h3>", *(f"<p>{_img(p)}</p>" for p in pngs)]
@@ -211,22 +233,30 @@ def write_report(
     *,
     title: str = "archlab: capability density",
     extra_notes: list[str] | None = None,
+    study: dict | None = None,
 ) -> Path:
     """Write ``index.html`` (self-contained), ``report.md``, the PNGs, ``fit.json`` and ``runs.json``.
 
-    Fills each run's ``density`` from ``fit`` first. Returns the path of ``index.html``.
+    Fills each run's ``density`` from ``fit`` first. With ``study`` (``archlab study``'s study.json) the
+    calibration panel, the verdicts, the Δbpb forest plot and the density intervals come first.
+    Returns the path of ``index.html``.
     """
     if not runs:
         raise ConfigError("RUN_DIRS", "[]", "at least one finished run (a run dir with summary.json)")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     figures = []
-    if fit is not None:
+    if study is not None:
+        figures.append(calibration.forest_plot(study, out / "delta_bpb.png"))
+        figures.append(calibration.density_plot(study, out / "density_intervals.png"))
+    per_run_density = fit is not None and study is None  # a study's densities are its paired ones
+    if per_run_density:
         attach_density(runs, fit)
+    if fit is not None:
         fit.save(out / "fit.json")
         figures.append(ladder_plot(fit, out / "ladder_fit.png"))
     figures.append(bpb_vs_params(runs, fit, out / "bpb_vs_params.png"))
-    if fit is not None:
+    if per_run_density:
         figures.append(density_bars(runs, out / "density.png"))
     run_plots = []
     for i, run in enumerate(runs):
@@ -238,7 +268,7 @@ def write_report(
     note_lines = [*(extra_notes or []), *notes(runs, fit)]
     slots = set(varying_slots(runs))
     common = ", ".join(f"{s}={p}" for s, p in sorted(runs[0].plugins.items()) if s not in slots)
-    args = (title, fit, runs, figures, run_plots, header, rows, note_lines, common)
+    args = (title, fit, runs, figures, run_plots, header, rows, note_lines, common, study)
     (out / "report.md").write_text(_markdown(*args))
     index = out / "index.html"
     index.write_text(_html(*args))

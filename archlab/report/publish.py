@@ -15,7 +15,7 @@ import os
 from urllib.parse import urlparse
 
 from archlab.density import LadderFit
-from archlab.report import _fit_text, notes, table
+from archlab.report import _fit_text, calibration, notes, table
 from archlab.report.runs import Run
 
 DEFAULT_PROJECT = "archlab"
@@ -40,9 +40,19 @@ def _markdown_table(runs: list[Run]) -> str:
 
 
 def build_wandb_report(
-    runs: list[Run], fit: LadderFit | None, *, project: str, entity: str, title: str | None = None
+    runs: list[Run],
+    fit: LadderFit | None,
+    *,
+    project: str,
+    entity: str,
+    title: str | None = None,
+    study: dict | None = None,
 ):
     """The W&B Report object (no network): fit text, notes, bpb-vs-params scatters, density bars, run table.
+
+    With ``study`` (``archlab study``'s study.json) the calibration panel and the verdict table (Δbpb and
+    density with their intervals) come first, and the per-run density bars are left out (a study's
+    densities are its paired ones). The scatter of bpb against parameters shows every seed's point.
 
     The runset selects the runs' W&B groups (one per sweep), else their run ids.
     """
@@ -84,7 +94,7 @@ def build_wandb_report(
             log_x=True,
         ),
     ]
-    if fit is not None:
+    if fit is not None and study is None:
         panels.append(
             wr.BarPlot(
                 title="capability density ρ = N_eff / denominator",
@@ -97,7 +107,8 @@ def build_wandb_report(
             )
         )
     note_lines = notes(runs, fit)
-    blocks = [
+    blocks = [] if study is None else _study_blocks(wr, study)
+    blocks += [
         wr.P(_fit_text(fit)),
         wr.H2("Notes"),
         wr.MarkdownBlock("\n".join(f"- {n}" for n in note_lines) or "none"),
@@ -114,12 +125,28 @@ def build_wandb_report(
     )
 
 
+def _study_blocks(wr, study: dict) -> list:
+    """Calibration panel, then the verdicts (Δbpb and density intervals) as a Markdown table."""
+    header, rows = calibration.rows(study)
+    table_lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table_lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [
+        wr.H2("Calibration"),
+        wr.MarkdownBlock("\n".join(f"- {line}" for line in calibration.panel(study))),
+        wr.P(calibration.HOW_TO_READ),
+        wr.H2("Verdicts: Δbpb and density, 90 % intervals"),
+        wr.MarkdownBlock("\n".join(table_lines)),
+    ]
+
+
 def _summary_update(run: Run) -> dict:
     """Density metrics as W&B accepts them (inf/NaN become None)."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in run.density.items()}
 
 
-def publish(runs: list[Run], fit: LadderFit | None, *, project: str, entity: str | None) -> str:
+def publish(
+    runs: list[Run], fit: LadderFit | None, *, project: str, entity: str | None, study: dict | None = None
+) -> str:
     """Write density metrics into each run's W&B summary, save the Report, return its URL (network)."""
     import wandb
 
@@ -137,17 +164,22 @@ def publish(runs: list[Run], fit: LadderFit | None, *, project: str, entity: str
             )
             continue
         remote.summary.update(_summary_update(run))
-    report = build_wandb_report(runs, fit, project=project, entity=entity)
+    report = build_wandb_report(runs, fit, project=project, entity=entity, study=study)
     report.save()
     return report.url
 
 
 def publish_if_possible(
-    runs: list[Run], fit: LadderFit | None, *, project: str | None, entity: str | None
+    runs: list[Run],
+    fit: LadderFit | None,
+    *,
+    project: str | None,
+    entity: str | None,
+    study: dict | None = None,
 ) -> None:
     project = project or next((r.project for r in runs if r.project), DEFAULT_PROJECT)
     entity = entity or next((r.entity for r in runs if r.entity), None)
     if not has_credentials():
         print("W&B: no credentials (set WANDB_API_KEY or run `wandb login`): wrote the local report only")
         return
-    print(f"W&B report: {publish(runs, fit, project=project, entity=entity)}")
+    print(f"W&B report: {publish(runs, fit, project=project, entity=entity, study=study)}")
