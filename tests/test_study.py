@@ -160,11 +160,11 @@ def test_quick_study_writes_a_calibrated_study_json(run_cli, tmp_path: Path) -> 
     rows = {r["name"]: r for r in result_json["students"]}
     assert {r["role"] for r in rows.values()} == {"baseline", "placebo", "control", "student"}
     assert set(rows) == {"baseline", "placebo", "control", *preset.students}
+    assert rows.pop("baseline")["verdict"] == "reference"
     for row in rows.values():
         assert row["verdict"] in ("denser", "less dense", "no detectable difference"), row
         assert row["delta_bpb_lo"] <= row["delta_bpb"] <= row["delta_bpb_hi"], row
-    assert rows["baseline"]["delta_bpb"] == 0
     html = index.read_text()
     assert html.index("Calibration") < html.index("Verdicts")
-    for row in rows:
+    for row in ["baseline", *rows]:
         assert row in html, row
