@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from archlab import durable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,15 @@ class RunInfo:
     tags: list[str] = field(default_factory=list)
 
 
+def _step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` record; None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class JsonlLogger:
     """One JSON object per logged step in ``metrics.jsonl``; the final metrics in ``summary.json``."""
 
@@ -38,21 +48,22 @@ class JsonlLogger:
         self.summary_path = run_dir / "summary.json"
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (written by a killed run after its last checkpoint)."""
+        """Drop records past ``step`` (written by a killed run after its last checkpoint), and a last
+        line that a kill cut short."""
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None]
+        kept = [line for line in kept if _step(line) <= step]
+        durable.write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
 
     def log(self, metrics: dict, step: int) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def summary(self, metrics: dict) -> None:
-        tmp = self.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.summary_path)
+        durable.write_atomic(
+            self.summary_path, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()
+        )
 
     def finish(self, exit_code: int = 0) -> None:
         pass

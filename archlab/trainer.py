@@ -11,6 +11,7 @@ the loss curve of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from archlab import checkpoint, plots, registry
+from archlab import checkpoint, plots, registry, resume
 from archlab.baselines.objective import teacher_agreement
 from archlab.config import Schedule, TrainerConfig
 from archlab.data import TokenSplit, build_split, n_val_windows, train_batch, val_batches
-from archlab.errors import ConfigError, NonFiniteLossError
+from archlab.errors import ArchlabError, ConfigError, NonFiniteLossError
 from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
@@ -78,7 +79,7 @@ def init_from(model: torch.nn.Module, path: str) -> None:
     init (e.g. new heads on a trained backbone, with ``trainer.train_only`` to freeze the backbone)."""
     from safetensors.torch import load_file
 
-    ckpt = checkpoint.find(path)
+    ckpt = checkpoint.find(path, key="trainer.init_from")
     own = model.state_dict()
     saved = load_file(str(ckpt / "model.safetensors"))
     matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
@@ -251,10 +252,15 @@ class Trainer:
             for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
                 sums[name] += float(value) / self.t.grad_accum
         if not math.isfinite(sums["total_loss"]):
-            raise NonFiniteLossError(self._non_finite_message(sums["total_loss"]))
+            raise NonFiniteLossError(self._non_finite_message(f"loss is {sums['total_loss']}"))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else math.inf
         )
+        if not math.isfinite(grad_norm):  # stepping would write NaN into every weight
+            loss = sums["total_loss"]
+            raise NonFiniteLossError(
+                self._non_finite_message(f"gradient norm is {float(grad_norm)} (loss {loss:.4g})")
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -268,13 +274,14 @@ class Trainer:
             "train/tokens": self.tokens_seen,
         }
 
-    def _non_finite_message(self, loss: float) -> str:
+    def _non_finite_message(self, what: str) -> str:
         last = checkpoint.latest(self.info.run_dir)
         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written"
-        return (
-            f"loss is {loss} at step {self.step + 1}; training stopped and {kept}. "
-            "Lower trainer.lr, raise trainer.warmup_fraction or set trainer.grad_clip."
-        )
+        advice = "Lower trainer.lr or raise trainer.warmup_fraction"
+        if self.t.grad_clip == 0:
+            advice += ", or set trainer.grad_clip (e.g. 1.0)"
+        stopped = f"the optimizer did not step, training stopped and {kept}"
+        return f"{what} at step {self.step + 1}; {stopped}. {advice}."
 
     @property
     def tokens_seen(self) -> int:
@@ -339,33 +346,77 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "wandb_id": wandb_id,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
         return checkpoint.save(self.ckpt_root, self.step, self.model, state)
 
     def restore(self, ckpt: Path) -> str | None:
         """Load a checkpoint into model, optimizer, scheduler and RNG; returns its W&B run id."""
-        state = checkpoint.load(ckpt, self.model)
+        state = checkpoint.read_state(ckpt)
+        new = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+        changed = resume.check(ckpt, state["config"], new)
+        checkpoint.load_weights(ckpt, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
+        self._set_hyperparameters()
+        for key, (old, now) in sorted(changed.items()):
+            log.warning("resume: %s changed from %r to %r; applied from step %d on", key, old, now, self.step)
+        resume.record(self.info.run_dir, self.step, ckpt, changed)
         log.info("resumed from %s at step %d", ckpt, self.step)
         return state["wandb_id"]
 
+    def _set_hyperparameters(self) -> None:
+        """lr, betas and weight decay from this run's config, over those a checkpoint restored (the
+        schedule itself reads ``self.t``), so that a resume applies a changed setting rather than
+        ignoring it; with unchanged settings the values are bitwise those the run had."""
+        t, groups = self.t, self.optimizer.param_groups
+        for group, decay in zip(groups, (t.weight_decay, 0.0), strict=True):
+            group.update(initial_lr=t.lr, lr=t.lr * lr_factor(self.step, t), betas=(t.beta1, t.beta2))
+            group["weight_decay"] = decay
+        self.scheduler.base_lrs = [t.lr] * len(groups)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
+
     def resume_point(self) -> Path | None:
+        """The checkpoint to resume from; refuses to start afresh over an earlier run's results."""
         if self.t.resume is None:
+            summary = self.info.run_dir / "summary.json"
+            earlier = (
+                sorted(p.name for p in self.ckpt_root.glob("step_*")) + ["summary.json"] * summary.exists()
+            )
+            if earlier:
+                raise ArchlabError(
+                    f"run dir {self.info.run_dir} already holds an earlier run ({', '.join(earlier)}); "
+                    "pass trainer.resume=auto to continue it, or a new hydra.run.dir for a new run"
+                )
             return None
         if self.t.resume == "auto":
             return checkpoint.latest(self.info.run_dir)
         return checkpoint.find(self.t.resume)
 
+    def finished_summary(self) -> dict | None:
+        """The summary of a run resumed at its last step, if it has one (nothing is left to train)."""
+        path = self.info.run_dir / "summary.json"
+        if self.step < self.t.max_steps or not path.is_file():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:
+            return None
+        return summary if isinstance(summary, dict) and "val/bpb" in summary else None
+
     def run(self) -> dict:
         """Train to ``max_steps`` (resuming if asked), evaluate, log and return the summary."""
         ckpt = self.resume_point()
+        checkpoint.remove_partial(self.ckpt_root)
         wandb_id = self.restore(ckpt) if ckpt else None
+        done = self.finished_summary()
+        if done is not None:
+            log.info("run finished at step %d already; its summary.json is kept", self.step)
+            return done
         loggers = Loggers(self.cfg, self.info, resume_id=wandb_id)
         loggers.jsonl.truncate_after(self.step)
         static = model_metrics(self.model, self.compute_dtype)
@@ -388,7 +439,8 @@ class Trainer:
         return summary
 
     def _loop(self, loggers: Loggers, static: dict) -> dict:
-        loggers.log(static, self.step)
+        if self.step == 0:  # a resumed run logged them when it started
+            loggers.log(static, self.step)
         t, train_time, val, first, metrics = self.t, 0.0, {}, self.step, {}
         bar = tqdm(
             total=t.max_steps,

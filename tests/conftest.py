@@ -203,3 +203,38 @@ def bench(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
     yield module
     sys.modules.pop(spec.name, None)
     sys.path.remove(str(script.parent))
+
+
+# A student and run small enough to train a step in well under a second on one CPU core.
+TINY_RUN = (
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.context=32",
+    "trainer.batch_size=4",
+    "trainer.eval_tokens=2048",
+    "trainer.progress=false",
+    "data.max_bytes=400000",
+    "logger=none",
+    "teacher=none",
+    "objective=ce",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(archlab_cache: Path) -> list[str]:
+    """Overrides of a tiny byte-level run on the session's shared corpus cache."""
+    return [*TINY_RUN, f"data.cache_dir={archlab_cache}"]
+
+
+@pytest.fixture(scope="session")
+def make_trainer(tiny_overrides: list[str]) -> Callable[..., object]:
+    """``make_trainer(run_dir, *overrides)``: an ``archlab.trainer.Trainer`` of the tiny run."""
+    from archlab.config import compose
+    from archlab.loggers import RunInfo
+    from archlab.trainer import Trainer
+
+    def make(run_dir: Path, *overrides: str) -> Trainer:
+        return Trainer(compose([*tiny_overrides, *overrides]), RunInfo(run_dir=run_dir, name="test"))
+
+    return make

@@ -16,35 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from archlab import checkpoint
-from archlab.config import Schedule, TrainerConfig, compose
+from archlab.config import Schedule, TrainerConfig
 from archlab.data import train_batch
 from archlab.errors import NonFiniteLossError
-from archlab.loggers import RunInfo
-from archlab.trainer import Trainer, lr_factor
-
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.context=32",
-    "trainer.batch_size=4",
-    "trainer.eval_tokens=2048",
-    "trainer.progress=false",
-    "data.max_bytes=400000",
-    "logger=none",
-    "teacher=none",
-    "objective=ce",
-]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-def make_trainer(tmp_path: Path, cache_dir: Path, *overrides: str) -> Trainer:
-    cfg = compose([*TINY, f"data.cache_dir={cache_dir}", *overrides])
-    return Trainer(cfg, RunInfo(run_dir=tmp_path, name="test"))
+from archlab.trainer import lr_factor
 
 
 def test_schedules() -> None:
@@ -60,8 +35,8 @@ def test_schedules() -> None:
     assert lr_factor(90, w) == pytest.approx(0.5) and lr_factor(100, w) == pytest.approx(0.0)
 
 
-def test_grad_accumulation_equals_the_full_batch_gradient(tmp_path, cache_dir) -> None:
-    trainer = make_trainer(tmp_path, cache_dir, "trainer.grad_accum=2", "trainer.grad_clip=0")
+def test_grad_accumulation_equals_the_full_batch_gradient(tmp_path, make_trainer) -> None:
+    trainer = make_trainer(tmp_path, "trainer.grad_accum=2", "trainer.grad_clip=0")
     model = trainer.model
     batches = [train_batch(trainer.split.train, context=32, seed=0, first=4 * m, count=4) for m in range(2)]
     x = torch.cat([b[0] for b in batches])
@@ -83,11 +58,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_resume_replays_the_uninterrupted_loss_curve_bitwise(tmp_path, cache_dir) -> None:
+def test_resume_replays_the_uninterrupted_loss_curve_bitwise(tmp_path, make_trainer) -> None:
     steps = ["trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=100"]
-    whole = make_trainer(tmp_path / "whole", cache_dir, *steps, "trainer.ckpt_every=100")
+    whole = make_trainer(tmp_path / "whole", *steps, "trainer.ckpt_every=100")
     whole.run()
-    first = make_trainer(tmp_path / "split", cache_dir, *steps, "trainer.ckpt_every=5")
+    first = make_trainer(tmp_path / "split", *steps, "trainer.ckpt_every=5")
     with pytest.raises(KeyboardInterrupt):  # stop the first run right after step 7
         original = first.train_step
 
@@ -99,17 +74,16 @@ def test_resume_replays_the_uninterrupted_loss_curve_bitwise(tmp_path, cache_dir
         first.train_step = interrupted
         first.run()
     assert (tmp_path / "split" / "checkpoints" / "LAST").read_text() == "step_00000005"
-    make_trainer(tmp_path / "split", cache_dir, *steps, "trainer.ckpt_every=5", "trainer.resume=auto").run()
+    make_trainer(tmp_path / "split", *steps, "trainer.ckpt_every=5", "trainer.resume=auto").run()
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # exact, not approximate
     assert len(losses(tmp_path / "whole")) == 12
 
 
 @pytest.mark.slow
-def test_a_killed_process_resumes_exactly(tmp_path, cache_dir) -> None:
+def test_a_killed_process_resumes_exactly(tmp_path, tiny_overrides) -> None:
     """SIGKILL a real `archlab train` after its first checkpoint, resume it, compare with a clean run."""
     args = [
-        *TINY,
-        f"data.cache_dir={cache_dir}",
+        *tiny_overrides,
         "trainer.max_steps=300",
         "trainer.log_every=1",
         "trainer.eval_every=1000",
@@ -143,8 +117,8 @@ def test_a_killed_process_resumes_exactly(tmp_path, cache_dir) -> None:
     assert losses(killed) == losses(clean)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir) -> None:
-    trainer = make_trainer(tmp_path, cache_dir, "trainer.max_steps=10")
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, make_trainer) -> None:
+    trainer = make_trainer(tmp_path, "trainer.max_steps=10")
     trainer.train_step(), trainer.train_step()
     good = trainer.save(None)
     with torch.no_grad():
@@ -152,15 +126,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3.*last good checkpoint is kept at"):
         trainer.train_step()
     assert checkpoint.latest(tmp_path) == good
-    fresh = make_trainer(tmp_path / "fresh", cache_dir, "trainer.max_steps=10")
+    fresh = make_trainer(tmp_path / "fresh", "trainer.max_steps=10")
     fresh.restore(good)
     assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
 
 
-def test_a_short_run_learns_and_writes_summary_and_checkpoint(tmp_path, cache_dir) -> None:
-    trainer = make_trainer(
-        tmp_path, cache_dir, "trainer.max_steps=40", "trainer.eval_every=40", "trainer.lr=1e-2"
-    )
+def test_a_short_run_learns_and_writes_summary_and_checkpoint(tmp_path, make_trainer) -> None:
+    trainer = make_trainer(tmp_path, "trainer.max_steps=40", "trainer.eval_every=40", "trainer.lr=1e-2")
     before = trainer.evaluate()["val/bpb"]
     summary = trainer.run()
     assert summary["val/bpb"] < before - 1.0  # from ~8 bits (uniform) towards real structure
@@ -169,16 +141,16 @@ def test_a_short_run_learns_and_writes_summary_and_checkpoint(tmp_path, cache_di
     assert (tmp_path / "checkpoints" / "step_00000040" / "model.safetensors").exists()
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path, cache_dir) -> None:
-    trainer = make_trainer(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.precision=bf16")
+def test_bf16_autocast_trains_on_cpu(tmp_path, make_trainer) -> None:
+    trainer = make_trainer(tmp_path, "trainer.max_steps=3", "trainer.precision=bf16")
     metrics = trainer.train_step()
     assert math.isfinite(metrics["train/loss"])
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
-def test_aux_losses_reach_the_objective_through_the_context(tmp_path, cache_dir) -> None:
+def test_aux_losses_reach_the_objective_through_the_context(tmp_path, make_trainer) -> None:
     """A sublayer's ctx.add_loss(name, value, weight) is summed over layers, weighted and logged."""
-    trainer = make_trainer(tmp_path, cache_dir, "trainer.max_steps=3")
+    trainer = make_trainer(tmp_path, "trainer.max_steps=3")
     reported = []
     for ffn in trainer.model.sublayers[1::2]:
 
@@ -198,9 +170,9 @@ def test_aux_losses_reach_the_objective_through_the_context(tmp_path, cache_dir)
     assert metrics["train/ffn_rms"] == pytest.approx(sum(r**0.5 for r in reported) / 2, rel=1e-5)
 
 
-def test_modules_get_a_hook_after_each_optimizer_step(tmp_path, cache_dir) -> None:
+def test_modules_get_a_hook_after_each_optimizer_step(tmp_path, make_trainer) -> None:
     """`on_step_end()` runs once per optimizer step, after the update (e.g. MoE bias balancing)."""
-    trainer = make_trainer(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.grad_accum=2")
+    trainer = make_trainer(tmp_path, "trainer.max_steps=3", "trainer.grad_accum=2")
     calls = []
     ffn = trainer.model.sublayers[1]
     ffn.on_step_end = lambda: calls.append(trainer.optimizer.state_dict()["state"][0]["step"].item())
