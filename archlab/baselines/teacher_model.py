@@ -108,12 +108,7 @@ class SelfTeacher:
             raise ConfigError(
                 "teacher.checkpoint", cfg.checkpoint, "the run or checkpoint dir of the teacher"
             )
-        try:
-            self.ckpt = checkpoint.find(cfg.checkpoint)
-        except Exception:
-            raise ConfigError(
-                "teacher.checkpoint", cfg.checkpoint, "an existing archlab run or checkpoint dir"
-            ) from None
+        self.ckpt = checkpoint.find(cfg.checkpoint, key="teacher.checkpoint")
         self.env = env
         weights = hashlib.sha256((self.ckpt / "model.safetensors").read_bytes()).hexdigest()
         self._identity = {"plugin": "self", "weights_sha256": weights}
