@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xformers", "sdpa", "eager")
 
 
+def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tensor:
+    """(t_q, t_k) bool, True where query i may see key j: j ≤ t_k − t_q + i (bottom-right aligned, so
+    the last query sees every key: the layout of cached decoding)."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
+
+
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Reference: softmax(q kᵀ / sqrt(k) + causal mask) v in float32.
 
@@ -35,7 +41,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # b h t t
     t_q, t_k = q.shape[2], k.shape[2]
     if mask is None:
-        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+        mask = causal_mask(t_q, t_k, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
@@ -51,7 +57,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
     if mask is None and (t_q == t_k or t_q == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=t_q > 1, enable_gqa=gqa)
     if mask is None:
-        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+        mask = causal_mask(t_q, t_k, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 

@@ -22,6 +22,20 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_tables(dim: int, positions: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin ``(positions, dim)`` of rotate-half RoPE: pair (i, i + dim/2) turns by pos · θ^(−2i/dim).
+    Computed in float64, returned as float32."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # t dim
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x · cos + rotate_half(x) · sin`` with the tables cast to x's dtype (rows: x's positions)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
 class RoPE(nn.Module):
     @dataclass
     class Config:
@@ -29,23 +43,12 @@ class RoPE(nn.Module):
 
     def __init__(self, cfg: Config, dims: ModelDims) -> None:
         super().__init__()
-        self.theta = cfg.theta
-        self.head_dim = dims.head_dim
-        self.max_positions = dims.context
-        cos, sin = self._tables()
+        cos, sin = rope_tables(dims.head_dim, dims.context, cfg.theta)
         self.register_buffer("cos", cos, persistent=False)  # t k
         self.register_buffer("sin", sin, persistent=False)  # t k
 
-    def _tables(self) -> tuple[Tensor, Tensor]:
-        k = self.head_dim
-        inv_freq = self.theta ** (-torch.arange(0, k, 2, dtype=torch.float64) / k)
-        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # t k
-        return angles.cos().float(), angles.sin().float()
-
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return apply_rotary(x, self.cos[positions], self.sin[positions])
 
 
 class NoPosition(nn.Module):

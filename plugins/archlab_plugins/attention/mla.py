@@ -41,23 +41,15 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from archlab.baselines.norm import RMSNorm
-from archlab.baselines.position import rotate_half
-from archlab.context import ForwardContext, ModelDims
-from archlab.errors import ConfigError
-
-
-def rope_tables(dim: int, positions: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin (positions, dim) of rotate-half RoPE: pair (i, i + dim/2) turns by pos · θ^(−2i/dim)."""
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)  # t r
-    return angles.cos().float(), angles.sin().float()
-
-
-def causal_mask(t: int, s: int, device: torch.device) -> Tensor:
-    """(t, s) bool, True where query i may see key j: j ≤ s − t + i (bottom-right aligned)."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
+from archlab.api import (
+    ConfigError,
+    ForwardContext,
+    ModelDims,
+    RMSNorm,
+    apply_rotary,
+    causal_mask,
+    rope_tables,
+)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -136,8 +128,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """RoPE on the rope part: x (..., t, r) at positions (t,)."""
-        cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return apply_rotary(x, self.rope_cos[positions], self.rope_sin[positions])
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         """x: (b, t, d) -> (b, t, d)"""

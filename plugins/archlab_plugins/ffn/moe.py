@@ -34,9 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab import registry
-from archlab.context import ForwardContext, ModelDims
-from archlab.errors import ConfigError
+from archlab.api import ConfigError, ForwardContext, ModelDims, get_plugin, installed_plugins
 
 _layers_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear factory -> MoE layers made
 
@@ -116,7 +114,7 @@ class MixtureOfExperts(nn.Module):
             for key in ("route_scale", "capacity_factor"):
                 if getattr(self, key) is not None and not getattr(self, key) > 0:
                     raise ConfigError(f"ffn.{key}", getattr(self, key), "a positive number")
-            routers = registry.plugins("router")
+            routers = installed_plugins("router")
             if self.router not in routers:
                 names = ", ".join(sorted(routers)) or "none installed"
                 raise ConfigError("ffn.router", self.router, f"an installed router, one of: {names}")
@@ -133,7 +131,7 @@ class MixtureOfExperts(nn.Module):
             """What one token touches: the router (d·e, built-in routers), the shared experts and the
             router's ``experts_per_token`` routed experts (top_k; expert_choice: capacity_factor · top_k)."""
             d, f = dims.d_model, expert_width(self, dims.d_model)
-            router = registry.get("router", self.router)
+            router = get_plugin("router", self.router)
             routed = router.experts_per_token(router_config(router, self))
             return d * self.n_experts + 3 * d * f * self.n_shared_experts + round(routed * 3 * d * f)
 
@@ -142,7 +140,7 @@ class MixtureOfExperts(nn.Module):
         d, f, e = dims.d_model, expert_width(cfg, dims.d_model), cfg.n_experts
         self.n_experts, self.expert_dim, self.n_layers = e, f, dims.n_layers
         self.use_grouped_mm = cfg.grouped_mm
-        router_cls = registry.get("router", cfg.router)
+        router_cls = get_plugin("router", cfg.router)
         router_cfg = router_config(router_cls, cfg)
         self.router = router_cls(router_cfg, d_model=d, n_experts=e, linear=linear)
         self.experts_per_token = router_cls.experts_per_token(router_cfg)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from archlab.context import ForwardContext, ModelDims
-from archlab.errors import ConfigError
+from archlab.api import ConfigError, ForwardContext, ModelDims
 
 
 class ReLU2(nn.Module):

@@ -30,10 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.baselines.head import LMHead
-from archlab.baselines.objective import bucketed, kl
-from archlab.context import ForwardContext, ModelDims
-from archlab.errors import ConfigError
+from archlab.api import ConfigError, ForwardContext, LMHead, ModelDims, bucketed, kl
 
 PROJECTIONS = ("shared", "own")
 

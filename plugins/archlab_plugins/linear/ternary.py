@@ -33,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.baselines.norm import RMSNorm
-from archlab.errors import ConfigError
-from archlab.model import RESIDUAL_OUTPUT_ROLES
+from archlab.api import RESIDUAL_OUTPUT_ROLES, ConfigError, RMSNorm
 from archlab_plugins.linear.packing import pack_ternary, packed_nbytes, unpack_ternary
 
 #: Bytes of the per-tensor scale γ in the packed format (float32).

@@ -40,9 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.baselines.norm import RMSNorm
-from archlab.context import ForwardContext, ModelDims
-from archlab.errors import ConfigError
+from archlab.api import ConfigError, ForwardContext, ModelDims, RMSNorm
 
 PAD = 0  # the id read before the first token (the byte tokenizer's end-of-document byte)
 

@@ -42,9 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from archlab.context import ModelDims
-from archlab.errors import ConfigError
-from archlab.plots import DepthWeights
+from archlab.api import ConfigError, DepthWeights, ModelDims
 
 
 class GradSlot:

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from archlab.context import ModelDims
-from archlab.errors import ConfigError
-from archlab.plots import DepthWeights
+from archlab.api import ConfigError, DepthWeights, ModelDims
 
 
 def layer_of(name: str) -> int:

@@ -30,9 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.context import ModelDims
-from archlab.errors import ConfigError
-from archlab.plots import DepthWeights
+from archlab.api import ConfigError, DepthWeights, ModelDims
 
 DYNAMIC_SCALE_INIT = 1e-2  # s_α, s_β (lucidrains)
 
