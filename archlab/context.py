@@ -102,7 +102,8 @@ class ForwardContext:
     losses need labels (e.g. extra prediction heads). ``tokens`` are the input ids (b, t)
     of this forward (the new ones only, with a cache). ``value_lambdas`` holds the
     student's value-residual weights, None when that option is off (attention plugins opt
-    in by calling ``value_residual``).
+    in by calling ``value_residual``). ``layer`` is the index of the transformer layer whose
+    sublayer is running (set by the student before each call), for per-layer state and names.
     Sublayers report auxiliary losses with ``add_loss(name, value, weight)``: the
     trainer adds ``weight * value`` to the objective and logs each name. Metrics
     reported with ``add_metric`` are averaged over the sublayers that report them.
@@ -117,10 +118,10 @@ class ForwardContext:
     soft: object | None = None  # archlab.soft_targets.SoftTargets (not imported: it imports data)
     tokens: Tensor | None = None
     value_lambdas: Sequence[Tensor] | None = None
+    layer: int = 0
     losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
     _metrics: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
     _first_values: Tensor | None = None
-    _value_calls: int = 0
 
     def add_loss(self, name: str, value: Tensor, weight: float = 1.0) -> None:
         if name in self.losses:
@@ -135,12 +136,12 @@ class ForwardContext:
 
             V'_1 = V_1,    V'_n = λ_{n,1} V_n + λ_{n,2} V_1   (n ≥ 2; learnable λ owned by the student)
 
-        Every attention layer calls it once per forward, in layer order, on its values (any shape,
-        the same in every layer, e.g. (b, g, t, k) with g KV heads); identity when the option is off.
+        Every attention layer calls it once per forward, on its values (any shape, the same in every
+        layer, e.g. (b, g, t, k) with g KV heads); n is ``layer``; identity when the option is off.
         """
         if self.value_lambdas is None:
             return v
-        n, self._value_calls = self._value_calls, self._value_calls + 1
+        n = self.layer
         if n == 0:
             self._first_values = v
             return v

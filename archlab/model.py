@@ -104,6 +104,7 @@ class Student(nn.Module):
         self.sublayers = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.sublayer_names: list[str] = []  # "L<layer>.<slot>": residual plugins and plots label by them
+        self.sublayer_layers: list[int] = []  # the transformer layer of each sublayer (ctx.layer)
         memory_layers = choices["memory"].cfg.layers  # a memory sublayer precedes these layers' attention
         for layer in range(dims.n_layers):
             for slot in ("memory",) * (layer in memory_layers) + LAYER_SLOTS:
@@ -116,6 +117,7 @@ class Student(nn.Module):
                     nn.Identity() if own else construct("norm", norm.cls, norm.cfg, dims.d_model)
                 )
                 self.sublayer_names.append(f"L{layer}.{slot}")
+                self.sublayer_layers.append(layer)
         residual = choices["residual"]
         names = tuple(self.sublayer_names)
         self.residual = construct(
@@ -153,6 +155,7 @@ class Student(nn.Module):
         state = self.residual.begin(self.embed(tokens))
         for i, (norm, sublayer) in enumerate(zip(self.norms, self.sublayers, strict=True)):
             try:
+                ctx.layer = self.sublayer_layers[i]
                 y = sublayer(norm(self.residual.read(state, i)), ctx)
                 state = self.residual.write(state, i, y)
             except Exception as exc:  # zero-cost until raised (Python 3.11); names the plugins involved

@@ -25,7 +25,6 @@ Shapes: b batch, t tokens, n = b·t, d d_model, e experts, f expert width, m ass
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
@@ -35,8 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.api import ConfigError, ForwardContext, ModelDims, get_plugin, installed_plugins
-
-_layers_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear factory -> MoE layers made
 
 
 def expert_width(cfg, d_model: int) -> int:
@@ -150,12 +147,6 @@ class MixtureOfExperts(nn.Module):
         if cfg.n_shared_experts:
             self.shared_up = linear(d, 2 * cfg.n_shared_experts * f, role="ffn.shared.up")
             self.shared_down = linear(cfg.n_shared_experts * f, d, role="ffn.shared.down")
-        # NOTE: the layer's index in the model, for per-layer metric names: one linear factory per model
-        try:
-            self.layer = _layers_built.get(linear, 0)
-            _layers_built[linear] = self.layer + 1
-        except TypeError:  # a factory that cannot be weakly referenced: overall metrics only
-            self.layer = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -226,8 +217,7 @@ class MixtureOfExperts(nn.Module):
             values[name] = value
         for name, value in values.items():
             ctx.add_metric(f"moe/{name}", value)
-            if self.layer is not None:
-                ctx.add_metric(f"moe/layer{self.layer}/{name}", value)
+            ctx.add_metric(f"moe/layer{ctx.layer}/{name}", value)
 
     def num_active_params(self) -> int:
         """Parameters one token touches: router + shared experts + experts_per_token routed experts."""
