@@ -1,4 +1,7 @@
-"""The training loop: AdamW, warmup + cosine/WSD schedule, clipping, accumulation, eval, checkpoints.
+"""The training loop: AdamW, warmup + cosine/WSD schedule, eval, checkpoints, resume, logging.
+
+The optimizer step itself (forward, loss, backward over the micro-batches, clipping) is
+``archlab.step.OptimizerStep``; the trainer feeds it the micro-batches of each step.
 
 AdamW with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) on
 matrices only (norm gains and biases are not decayed). The batch of a step is the
@@ -16,6 +19,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
+from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
 from archlab.tokenizer import ByteTokenizer, Tokenizer
 
@@ -212,13 +217,20 @@ class Trainer:
         n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
         self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(cfg, self.split, self.device, self.t, objective_cfg)
-        self.step_hooks = [m for m in self.model.modules() if hasattr(m, "on_step_end")]
         if self.t.init_from:
             init_from(self.model, self.t.init_from)
         freeze_except(self.model, self.t.train_only)
         self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.t)
+        )
+        self.update = OptimizerStep(
+            self.model,
+            self.objective,
+            self.optimizer,
+            self.scheduler,
+            grad_clip=self.t.grad_clip,
+            autocast=self.autocast,
         )
         self.step = 0
         self.ckpt_root = info.run_dir / "checkpoints"
@@ -228,10 +240,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; raises on a non-finite loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)  # objective, total and reported metrics
+    def micro_batches(self) -> Iterator[MicroBatch]:
+        """The step's ``grad_accum`` micro-batches: the training stream's windows at the positions of
+        (seed, step), with the soft targets of the same positions."""
         for micro in range(self.t.grad_accum):
             first, count = (self.step * self.t.grad_accum + micro) * self.t.batch_size, self.t.batch_size
             x, y = train_batch(
@@ -241,36 +252,21 @@ class Trainer:
                 first=first,
                 count=count,
             )
-            x, y = x.to(self.device), y.to(self.device)
             soft = self.targets.train(first, count).to(self.device) if self.targets else None
-            with self.autocast():
-                ctx = self.model.new_context(x)
-                ctx.targets, ctx.soft = y, soft
-                loss = self.objective(self.model(x, ctx), y, soft)
-                total = ctx.add_aux_losses(loss)
-            (total / self.t.grad_accum).backward()
-            for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
-                sums[name] += float(value) / self.t.grad_accum
-        if not math.isfinite(sums["total_loss"]):
-            raise NonFiniteLossError(self._non_finite_message(f"loss is {sums['total_loss']}"))
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else math.inf
-        )
-        if not math.isfinite(grad_norm):  # stepping would write NaN into every weight
-            loss = sums["total_loss"]
-            raise NonFiniteLossError(
-                self._non_finite_message(f"gradient norm is {float(grad_norm)} (loss {loss:.4g})")
-            )
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        for module in self.step_hooks:  # updates outside the optimizer, e.g. MoE balancing biases
-            module.on_step_end()
+            yield MicroBatch(x.to(self.device), y.to(self.device), soft)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (``archlab.step``); raises on a non-finite loss or gradient norm."""
+        try:
+            metrics = self.update(self.micro_batches())
+        except NonFiniteStep as exc:
+            raise NonFiniteLossError(self._non_finite_message(str(exc))) from None
         self.step += 1
+        lr, grad_norm = metrics.pop("lr"), metrics.pop("grad_norm")
         return {
-            **{f"train/{k}": v for k, v in sums.items()},
+            **{f"train/{k}": v for k, v in metrics.items()},
             "train/lr": lr,
-            "train/grad_norm": float(grad_norm),
+            "train/grad_norm": grad_norm,
             "train/tokens": self.tokens_seen,
         }
 

@@ -176,6 +176,6 @@ def test_modules_get_a_hook_after_each_optimizer_step(tmp_path, make_trainer) ->
     calls = []
     ffn = trainer.model.sublayers[1]
     ffn.on_step_end = lambda: calls.append(trainer.optimizer.state_dict()["state"][0]["step"].item())
-    trainer.step_hooks = [ffn]
+    trainer.update.hooks = [ffn]
     trainer.train_step(), trainer.train_step()
     assert calls == [1.0, 2.0]  # once per step (not per micro-batch), after the optimizer's update

@@ -1,0 +1,79 @@
+"""One optimizer step, as a unit the trainer (and wrappers of it) call: forward, loss, backward over
+the micro-batches of the step, gradient clipping, the optimizer and scheduler, post-step hooks.
+
+Where the micro-batches come from (the training stream, another rank's shard, the student's
+own samples) is the caller's business; so is what a non-finite step means for the run. The
+unit never steps the optimizer on a non-finite loss or gradient norm: it raises
+``NonFiniteStep`` first, leaving the weights as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class MicroBatch:
+    """Inputs ``x`` and labels ``y`` (b, t); the teacher's soft targets of the same windows, or None."""
+
+    x: Tensor
+    y: Tensor
+    soft: object | None = None
+
+
+class NonFiniteStep(Exception):
+    """The loss or the gradient norm of a step was NaN/Inf; the optimizer did not step."""
+
+
+class OptimizerStep:
+    """``step(micro_batches)``: accumulate gradients over the micro-batches (each loss divided by their
+    number), clip to ``grad_clip`` (0 = only measure the norm), step; returns the mean metrics."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Callable,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        grad_clip: float,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> None:
+        self.model, self.objective, self.optimizer, self.scheduler = model, objective, optimizer, scheduler
+        self.grad_clip, self.autocast = grad_clip, autocast
+        # updates outside the optimizer, after it (e.g. MoE balancing biases)
+        self.hooks: Sequence[nn.Module] = [m for m in model.modules() if hasattr(m, "on_step_end")]
+
+    def __call__(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = list(micro_batches)
+        sums: dict[str, float] = defaultdict(float)  # objective, total and reported metrics
+        for batch in batches:
+            with self.autocast():
+                ctx = self.model.new_context(batch.x)
+                ctx.targets, ctx.soft = batch.y, batch.soft
+                loss = self.objective(self.model(batch.x, ctx), batch.y, batch.soft)
+                total = ctx.add_aux_losses(loss)
+            (total / len(batches)).backward()
+            for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
+                sums[name] += float(value) / len(batches)
+        if not math.isfinite(sums["total_loss"]):
+            raise NonFiniteStep(f"loss is {sums['total_loss']}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf
+        )
+        if not math.isfinite(grad_norm):  # stepping would write NaN into every weight
+            raise NonFiniteStep(f"gradient norm is {float(grad_norm)} (loss {sums['total_loss']:.4g})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        for module in self.hooks:
+            module.on_step_end()
+        return {**sums, "lr": lr, "grad_norm": float(grad_norm)}
