@@ -119,7 +119,8 @@ def _locked(path: Path, what: str, timeout: float | None, timeout_key: str) -> I
             pid_file.write_text(f"{os.getpid()}\n")
         yield
     finally:
-        pid_file.unlink(missing_ok=True)
+        with suppress(OSError):
+            pid_file.unlink(missing_ok=True)
         lock.release()
 
 
@@ -154,11 +155,13 @@ def build_once(
             reason, corrupt = _diagnose(problem)
             if reason is None:
                 log.info("%s: found %s", what, path)
-            else:
-                if corrupt:
-                    log.warning("%s cache %s: %s; rebuilding", what, path, reason)
-                log.info("%s: building %s (%s)", what, path, reason)
-                build()
+                return load()
+            if not os.access(path.parent, os.W_OK):  # its lock file was writable, the directory is not
+                raise _NotWritable(f"{path.parent}: not writable")
+            if corrupt:
+                log.warning("%s cache %s: %s; rebuilding", what, path, reason)
+            log.info("%s: building %s (%s)", what, path, reason)
+            build()
             return load()
     except _NotWritable as e:
         reason, _ = _diagnose(problem)

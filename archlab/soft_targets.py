@@ -212,7 +212,10 @@ def _meta(teacher, split: TokenSplit, req: TargetRequest) -> dict:
 
 
 def _size(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def _check_space(path: Path, meta: dict) -> None:
