@@ -3,8 +3,8 @@
 A cache is a directory ``<root>/<key>/`` holding ``meta.json`` and data files whose
 sizes and SHA-256 sums the meta records. It is built under the lock
 ``<root>/<key>.lock`` into ``<root>/.tmp-<key>-*`` and published with
-``archlab.durable.publish_dir``; temporary directories of the same key left by a
-killed build are removed under the lock. The lock's holder writes its PID to
+``archlab.durable.publish_dir`` (``publish``); temporary directories of the same key
+left by a killed build are removed under the lock. The lock's holder writes its PID to
 ``<key>.lock.pid`` so that a waiter can say whom it waits for. A cache whose
 directory is not writable is used without the lock when it is complete.
 """
@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from filelock import FileLock, Timeout
 
+from archlab import durable
 from archlab.errors import ArchlabError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,16 @@ def read_meta(path: Path, schema: dict[str, tuple[type, ...]]) -> dict:
 def make_tmp(path: Path) -> Path:
     """A fresh temporary directory for building the cache ``path`` (removed by the next build if left)."""
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Publish the finished ``tmp`` as the cache ``path`` (``durable.publish_dir``), replacing a stale
+    one: moved aside to ``<tmp>.old`` (which the next build removes, if a crash leaves it), then deleted."""
+    old = tmp.with_name(tmp.name + ".old")
+    if path.exists():
+        os.rename(path, old)
+    durable.publish_dir(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _holder(pid_file: Path) -> str:

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, read_meta
-from archlab.durable import publish_dir
+from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta
 from archlab.errors import ConfigError, CorpusError
 from archlab.tokenizer import ByteTokenizer, Tokenizer, token_dtype
 
@@ -116,7 +115,7 @@ def _write(path: Path, tokens: dict[str, np.ndarray], meta: dict) -> None:
         (tmp / f"{split}.bin").write_bytes(data)
         meta["files"][f"{split}.bin"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    publish_dir(tmp, path)
+    publish(tmp, path)
 
 
 def _open(path: Path, tokenizer: Tokenizer) -> TokenSplit:

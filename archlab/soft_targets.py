@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, read_meta, sha256_file
+from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta, sha256_file
 from archlab.data import TokenSplit, n_train_windows, stream_windows, windows
-from archlab.durable import publish_dir
 from archlab.errors import ArchlabError
 
 log = logging.getLogger(__name__)
@@ -258,7 +257,7 @@ def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress:
     meta["teacher_val_bpb"] = val_nats / split.val_window_bytes(c, req.val_windows).sum() / math.log(2)
     meta["sha256"] = {name: sha256_file(tmp / f"{name}.bin") for name in arrays}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    publish_dir(tmp, path)
+    publish(tmp, path)
 
 
 def build_or_load(

@@ -25,7 +25,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from archlab import durable
 from archlab.baselines.corpus import FilesCorpus
 from archlab.config import compose
 from archlab.data import TokenSplit, build_split
@@ -127,6 +126,8 @@ def test_a_damaged_token_file_is_rebuilt_with_one_warning(
     why = reason.format(name=name, n=len(data) - 3, m=len(data))
     assert warnings_of(caplog) == [f"corpus cache {file.parent}: {why}; rebuilding"]
     assert bytes(again.train) == bytes(ref.train) and bytes(again.val) == bytes(ref.val)
+    key = file.parent.name  # the damaged cache replaced, nothing left beside it but the lock
+    assert sorted(p.name for p in file.parent.parent.iterdir()) == [key, f"{key}.lock"]
 
 
 def test_the_corpus_meta_records_size_and_sha256_of_each_token_file(ref) -> None:
@@ -192,7 +193,10 @@ def test_a_corrupt_soft_target_meta_json_is_rebuilt(tmp_path, ref, caplog, kind)
 # 4. durable publication, and partial builds cleaned up
 
 
-def test_publish_dir_fsyncs_files_and_dir_then_renames_then_fsyncs_the_parent(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("kind", ["corpus", "soft"])
+def test_a_build_fsyncs_its_files_and_dir_then_renames_then_fsyncs_the_parent(
+    tmp_path, ref, monkeypatch, kind
+):
     events: list[tuple[str, str]] = []
     real_fsync, real_rename = os.fsync, os.rename
 
@@ -201,23 +205,21 @@ def test_publish_dir_fsyncs_files_and_dir_then_renames_then_fsyncs_the_parent(tm
         real_fsync(fd)
 
     def rename(src, dst) -> None:
-        events.append(("rename", str(dst)))
+        events.append(("rename", f"{src} -> {dst}"))
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    tmp, final = tmp_path / ".tmp-x", tmp_path / "x"
-    (tmp / "sub").mkdir(parents=True)
-    for name in ("a.bin", "sub/b.bin"):
-        (tmp / name).write_bytes(b"new")
-    final.mkdir()
-    (final / "a.bin").write_bytes(b"old")
-    durable.publish_dir(tmp, final)
-    renamed = events.index(("rename", str(final)))
-    synced_before = {p for e, p in events[:renamed] if e == "fsync"}
-    assert synced_before == {str(tmp / "a.bin"), str(tmp / "sub"), str(tmp / "sub/b.bin"), str(tmp)}
-    assert events[renamed + 1 :] == [("fsync", str(tmp_path))]
-    assert (final / "a.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    if kind == "corpus":
+        path, files = Path(corpus_split(tmp_path / "corpus", tmp_path / "cache").meta["path"]), DATA_FILES
+    else:
+        path, files = (
+            build_or_load(BigramTeacher(), ref, REQ, tmp_path / "cache", progress=False).path,
+            SOFT_FILES,
+        )
+    [(i, tmp)] = [(i, p.split(" -> ")[0]) for i, (e, p) in enumerate(events) if e == "rename"]
+    assert {p for e, p in events[:i] if e == "fsync"} == {f"{tmp}/{name}" for name in files} | {tmp}
+    assert events[i + 1 :] == [("fsync", str(path.parent))] and events[i] == ("rename", f"{tmp} -> {path}")
 
 
 def test_stale_temp_dirs_of_the_same_key_are_removed_by_the_next_build(tmp_path, ref) -> None:
