@@ -423,6 +423,9 @@ def _check_read_only(tmp_path: Path, ref: TokenSplit) -> None:
     with pytest.raises(ArchlabError, match="not writable.*data.cache_dir.*ARCHLAB_CACHE") as e:
         build_or_load(teacher, ref, other, tmp_path / "cache", progress=False)
     assert str(soft_path(teacher, ref, tmp_path / "cache", other)) in str(e.value)
+    _damage(tmp_path / "cache")  # its lock file may be writable; a rebuild still needs the directory
+    with pytest.raises(ArchlabError, match=r"does not match its checksum\) but is not writable"):
+        corpus_split(tmp_path / "corpus", tmp_path / "cache")
 
 
 def _build_both(tmp_path: Path, ref: TokenSplit) -> None:
