@@ -152,26 +152,30 @@ def build_once(
     load: Callable[[], T],
     timeout: float | None = None,
     timeout_key: str = "",
+    label: str | None = None,
 ) -> T:
     """``load()`` the cache at ``path``, built first under its lock by ``build()`` if it must be.
 
     ``problem()`` says why the cache cannot be used (None: it can), raising ``Corrupt``
     when it is damaged (logged as a warning, then rebuilt). ``timeout`` (seconds, None:
     forever) bounds the wait for another process's build, named ``timeout_key`` in the error.
+    ``what`` names the cache in messages ("the soft-target build"), ``label`` (default: ``what``)
+    starts its found/building log lines.
     """
+    label = label or what
     try:
         with _locked(path, what, timeout, timeout_key):
             for stale in path.parent.glob(f".tmp-{path.name}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             reason, corrupt = _diagnose(problem)
             if reason is None:
-                log.info("%s: found %s", what, path)
+                log.info("%s: found %s", label, path)
                 return load()
             if not os.access(path.parent, os.W_OK):  # its lock file was writable, the directory is not
                 raise _NotWritable(f"{path.parent}: not writable")
             if corrupt:
                 log.warning("%s cache %s: %s; rebuilding", what, path, reason)
-            log.info("%s: building %s (%s)", what, path, reason)
+            log.info("%s: building %s (%s)", label, path, reason)
             build()
             return load()
     except _NotWritable as e:
@@ -181,5 +185,5 @@ def build_once(
                 f"the {what} cache {path} must be built ({reason}) but is not writable ({e}); "
                 f"set data.cache_dir (or the ARCHLAB_CACHE environment variable) to a writable directory"
             ) from None
-        log.info("%s: found %s (read-only, used without the lock)", what, path)
+        log.info("%s: found %s (read-only, used without the lock)", label, path)
         return load()

@@ -273,4 +273,5 @@ def build_or_load(
         load=lambda: _open(path),
         timeout=req.lock_timeout,
         timeout_key="distill.lock_timeout",
+        label="soft targets",
     )
