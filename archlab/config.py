@@ -99,7 +99,9 @@ class TrainerConfig:
 @dataclass
 class DataConfig:
     val_fraction: float = 0.02
-    max_bytes: int | None = None  # read at most this many bytes of the corpus (null: all)
+    # read about this many bytes of the corpus (null: all), in whole documents: each split stops taking
+    # documents once it holds its share, so it may exceed that share by part of its last document
+    max_bytes: int | None = None
     cache_dir: str = "${oc.env:ARCHLAB_CACHE,'~/.cache/archlab'}"
 
 
@@ -107,11 +109,14 @@ class DataConfig:
 class DistillConfig:
     top_k: int = 32  # teacher ids and log-probs cached per token; the tail is one "rest" bucket
     build_batch_size: int = 16  # windows per teacher forward while building the soft-target cache
+    lock_timeout: float = 3600.0  # seconds to wait for another process's build of the same soft targets
 
     def validate(self) -> None:
         for key in ("top_k", "build_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"distill.{key}", getattr(self, key), "a positive integer")
+        if self.lock_timeout < 0:
+            raise ConfigError("distill.lock_timeout", self.lock_timeout, "a number of seconds >= 0")
 
 
 @dataclass

@@ -7,9 +7,12 @@ NUL (binary files are skipped). A document goes to validation when the
 first 8 bytes of sha256(document id), read as a fraction of 2⁶⁴, fall below
 ``val_fraction``: the split depends on the id alone, so it is stable when documents
 are added. The split is cached under ``cache_dir/corpus/<hash>/`` keyed by the
-hash of every document's id and content and the split settings. ``max_bytes`` caps
-what is read: each split stops taking documents once it holds its share
-(``val_fraction · max_bytes`` for validation), so a capped corpus keeps both splits.
+hash of every document's id and content and the split settings; ``meta.json``
+records the size and SHA-256 of ``train.bin`` and ``val.bin``, checked on every load
+(a damaged cache is rebuilt, with a warning). ``max_bytes`` caps what is read in whole
+documents: each split stops taking documents once it holds its share
+(``val_fraction · max_bytes`` for validation), so a capped corpus keeps both splits,
+and a split may exceed its share by part of its last document.
 """
 
 from __future__ import annotations
@@ -18,9 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta
 from archlab.errors import ConfigError, CorpusError
 from archlab.tokenizer import ByteTokenizer, Tokenizer, token_dtype
 
@@ -53,6 +54,13 @@ class TokenSplit:
             ]
         )
 
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 of the token files and their dtype: what the tokens are, wherever they are cached."""
+        files = self.meta["files"]
+        material = f"{self.meta['dtype']} {files['train.bin']['sha256']} {files['val.bin']['sha256']}"
+        return hashlib.sha256(material.encode()).hexdigest()
+
     def report(self) -> str:
         m = self.meta
         return (
@@ -67,15 +75,57 @@ def _is_val(doc_id: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
-def _atomic_write_dir(final: Path, files: dict[str, bytes]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same cache first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+# Verifying hashes both token files on every load: 37 ms for the default stdlib corpus
+# (32 MB), next to ~1.2 s for reading and hashing its documents to find the cache key.
+_META = {
+    "source": (str,),
+    "tokenizer": (str,),
+    "dtype": (str,),
+    "documents": (int,),
+    "val_documents": (int,),
+    "bytes": (int,),
+    "train_tokens": (int,),
+    "val_tokens": (int,),
+    "val_fraction": (float, int),
+    "path": (str,),
+    "files": (dict,),
+}
+
+
+def _problem(path: Path, dtype: str) -> str | None:
+    """Why the corpus cache at ``path`` cannot be used (None if it can); ``Corrupt`` if it is damaged."""
+    if not path.exists():
+        return "not built yet"
+    meta = read_meta(path, _META)
+    if meta["dtype"] != dtype:
+        raise Corrupt(f"meta.json has dtype={meta['dtype']!r}, the tokenizer's is {dtype!r}")
+    for name in ("train.bin", "val.bin"):
+        record = meta["files"].get(name)
+        if not isinstance(record, dict) or [type(record.get(k)) for k in ("size", "sha256")] != [int, str]:
+            raise Corrupt(f"meta.json has no valid record of {name}")
+        check_file(path / name, record["size"], record["sha256"])
+    return None
+
+
+def _write(path: Path, tokens: dict[str, np.ndarray], meta: dict) -> None:
+    tmp = make_tmp(path)
+    meta["files"] = {}
+    for split, array in tokens.items():
+        data = array.astype(meta["dtype"]).tobytes()
+        (tmp / f"{split}.bin").write_bytes(data)
+        meta["files"][f"{split}.bin"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    publish(tmp, path)
+
+
+def _open(path: Path, tokenizer: Tokenizer) -> TokenSplit:
+    meta = read_meta(path, _META)
+    return TokenSplit(
+        train=np.memmap(path / "train.bin", dtype=meta["dtype"], mode="r"),
+        val=np.memmap(path / "val.bin", dtype=meta["dtype"], mode="r"),
+        meta=meta,
+        tokenizer=tokenizer,
+    )
 
 
 def build_split(
@@ -116,13 +166,15 @@ def build_split(
             f"{len(train)} train / {len(val)} val; add documents or change data.val_fraction"
         )
     path = Path(cache_dir).expanduser() / "corpus" / key.hexdigest()[:20]
-    if not (path / "meta.json").exists():
+    dtype = str(token_dtype(tokenizer.vocab_size))
+
+    def build() -> None:
         log.info("tokenising the corpus (%s) into %s", tokenizer.name, path)
         tokens = {"train": tokenizer.encode_documents(train), "val": tokenizer.encode_documents(val)}
         meta = {
             "source": corpus.describe(),
             "tokenizer": tokenizer.name,
-            "dtype": str(token_dtype(tokenizer.vocab_size)),
+            "dtype": dtype,
             "documents": n_docs,
             "val_documents": n_val_docs,
             "bytes": sum(map(len, train)) + sum(map(len, val)),
@@ -131,14 +183,14 @@ def build_split(
             "val_fraction": val_fraction,
             "path": str(path),
         }
-        files = {f"{k}.bin": v.astype(meta["dtype"]).tobytes() for k, v in tokens.items()}
-        _atomic_write_dir(path, {**files, "meta.json": json.dumps(meta, indent=1).encode()})
-    meta = json.loads((path / "meta.json").read_text())
-    return TokenSplit(
-        train=np.memmap(path / "train.bin", dtype=meta["dtype"], mode="r"),
-        val=np.memmap(path / "val.bin", dtype=meta["dtype"], mode="r"),
-        meta=meta,
-        tokenizer=tokenizer,
+        _write(path, tokens, meta)
+
+    return build_once(
+        path,
+        "corpus",
+        problem=lambda: _problem(path, dtype),
+        build=build,
+        load=lambda: _open(path, tokenizer),
     )
 
 

@@ -1,8 +1,11 @@
 """The teacher's soft targets, computed once per (teacher, corpus, context, k, τ, stream) and shared.
 
 A sweep of K students pays for the teacher once: the first job to need targets builds
-them under a file lock into a temporary directory and renames it into place; the
-others wait on the lock and then read the same memory-mapped files. Each row of the
+them under a file lock into a temporary directory and publishes it durably
+(``archlab.cachedir``, ``archlab.durable``); the others wait on the lock, at most
+``distill.lock_timeout`` seconds, and then read the same memory-mapped files. The
+cache is keyed by the teacher and the corpus *content* (``TokenSplit.content_hash``),
+so a corpus cache moved elsewhere keeps its targets. Each row of the
 train cache is one position of the training stream (``archlab.data.stream_windows``),
 so a student reads the targets of its batch by slicing, with no teacher in the loop.
 
@@ -13,7 +16,8 @@ compare across runs), taken from the **full** softmax, so the tail mass
 are not stored even for bytes: 256 float16 values cost 512 B per token (630 MB for the
 main job's 1.2 M training tokens), while the top 32 cost 96 B and carry the tail exactly
 as one bucket. Files are checked against sizes and SHA-256 sums in ``meta.json`` on
-every load; a truncated or corrupted cache is rebuilt, not trusted.
+every load; a truncated or corrupted cache (or meta.json) is rebuilt, not trusted. A
+build whose estimated size exceeds the free disk space is refused before it starts.
 """
 
 from __future__ import annotations
@@ -22,18 +26,16 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import Tensor
 from tqdm import tqdm
 
+from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta, sha256_file
 from archlab.data import TokenSplit, n_train_windows, stream_windows, windows
 from archlab.errors import ArchlabError
 
@@ -80,6 +82,7 @@ class TargetRequest:
     train_windows: int  # stream positions [0, train_windows) are needed
     val_windows: int
     batch_size: int = 16  # windows per teacher forward while building
+    lock_timeout: float = 3600.0  # seconds to wait for another process's build of the same targets
 
 
 @dataclass
@@ -110,7 +113,7 @@ class TargetCache:
 def cache_key(teacher_identity: dict, split: TokenSplit, req: TargetRequest) -> str:
     material = {
         "teacher": teacher_identity,
-        "corpus": split.meta["path"],
+        "corpus": split.content_hash,
         "context": req.context,
         "top_k": req.top_k,
         "temperature": req.temperature,
@@ -118,14 +121,6 @@ def cache_key(teacher_identity: dict, split: TokenSplit, req: TargetRequest) -> 
         "format": 1,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -138,11 +133,26 @@ def _shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return out
 
 
+_META = {
+    "teacher": (dict,),
+    "corpus": (str,),
+    "vocab_size": (int,),
+    "context": (int,),
+    "top_k": (int,),
+    "temperature": (float, int),
+    "seed": (int,),
+    "train_windows": (int,),
+    "val_windows": (int,),
+    "teacher_val_bpb": (float, int),
+    "sha256": (dict,),
+}
+
+
 def _problem(path: Path, req: TargetRequest) -> str | None:
-    """Why the cache at ``path`` cannot serve ``req`` (None if it can)."""
-    if not (path / "meta.json").exists():
+    """Why the cache at ``path`` cannot serve ``req`` (None if it can); ``Corrupt`` if it is damaged."""
+    if not path.exists():
         return "not built yet"
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path, _META)
     for key in ("top_k", "temperature", "context"):
         if meta[key] != getattr(req, key):
             raise ArchlabError(
@@ -152,16 +162,14 @@ def _problem(path: Path, req: TargetRequest) -> str | None:
     if meta["train_windows"] < req.train_windows or meta["val_windows"] < req.val_windows:
         return f"covers {meta['train_windows']}/{meta['val_windows']} train/val windows, fewer than needed"
     for name, (shape, dtype) in _shapes(meta).items():
-        file = path / f"{name}.bin"
-        if not file.exists() or file.stat().st_size != math.prod(shape) * dtype.itemsize:
-            return f"{file.name} is missing or truncated"
-        if _sha256(file) != meta["sha256"][name]:
-            return f"{file.name} does not match its checksum"
+        if type(meta["sha256"].get(name)) is not str:
+            raise Corrupt(f"meta.json has no checksum of {name}.bin")
+        check_file(path / f"{name}.bin", math.prod(shape) * dtype.itemsize, meta["sha256"][name])
     return None
 
 
 def _open(path: Path) -> TargetCache:
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path, _META)
     arrays = {
         name: np.memmap(path / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
         for name, (shape, dtype) in _shapes(meta).items()
@@ -188,10 +196,10 @@ def _fill(
     return nats
 
 
-def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress: bool) -> None:
-    meta = {
+def _meta(teacher, split: TokenSplit, req: TargetRequest) -> dict:
+    return {
         "teacher": teacher.identity(),
-        "corpus": split.meta["path"],
+        "corpus": split.content_hash,
         "vocab_size": teacher.vocab_size,
         "context": req.context,
         "top_k": min(req.top_k, teacher.vocab_size),
@@ -200,7 +208,33 @@ def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress:
         "train_windows": req.train_windows,
         "val_windows": req.val_windows,
     }
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _check_space(path: Path, meta: dict) -> None:
+    """Refuse a build that cannot fit on the cache's filesystem."""
+    need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in _shapes(meta).values())
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise ArchlabError(
+            f"the soft-target cache {path} needs {_size(need)} ({meta['train_windows']} train + "
+            f"{meta['val_windows']} val windows x {meta['context']} tokens x top_k {meta['top_k']}), "
+            f"but only {_size(free)} is free there; lower trainer.max_steps or distill.top_k, "
+            f"or set data.cache_dir to a larger disk"
+        )
+
+
+def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress: bool) -> None:
+    meta = _meta(teacher, split, req)
+    _check_space(path, meta)
+    teacher.prepare()
+    tmp = make_tmp(path)
     arrays = {
         name: np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
         for name, (shape, dtype) in _shapes(meta).items()
@@ -221,11 +255,9 @@ def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress:
     for array in arrays.values():
         array.flush()
     meta["teacher_val_bpb"] = val_nats / split.val_window_bytes(c, req.val_windows).sum() / math.log(2)
-    meta["sha256"] = {name: _sha256(tmp / f"{name}.bin") for name in arrays}
+    meta["sha256"] = {name: sha256_file(tmp / f"{name}.bin") for name in arrays}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    if path.exists():
-        shutil.rmtree(path)
-    os.rename(tmp, path)
+    publish(tmp, path)
 
 
 def build_or_load(
@@ -233,13 +265,13 @@ def build_or_load(
 ) -> TargetCache:
     """The soft targets ``req`` needs: found in the cache, or built once under a file lock."""
     path = Path(cache_dir).expanduser() / "soft_targets" / cache_key(teacher.identity(), split, req)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        problem = _problem(path, req)
-        if problem is None:
-            log.info("soft targets: found %s", path)
-        else:
-            log.info("soft targets: building %s (%s)", path, problem)
-            teacher.prepare()
-            _build(path, teacher, split, req, progress)
-        return _open(path)
+    return build_once(
+        path,
+        "soft-target",
+        problem=lambda: _problem(path, req),
+        build=lambda: _build(path, teacher, split, req, progress),
+        load=lambda: _open(path),
+        timeout=req.lock_timeout,
+        timeout_key="distill.lock_timeout",
+        label="soft targets",
+    )

@@ -167,6 +167,7 @@ def soft_targets_for(
         train_windows=t.max_steps * t.grad_accum * t.batch_size,
         val_windows=n_val_windows(split.val, cfg.model.context, t.eval_tokens),
         batch_size=cfg.distill.build_batch_size,
+        lock_timeout=cfg.distill.lock_timeout,
     )
     targets = build_or_load(teacher, split, request, cache_dir, t.progress)
     log.info("teacher %s: val bpb %.4f", cfg.teacher.plugin, targets.meta["teacher_val_bpb"])

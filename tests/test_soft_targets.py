@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -33,11 +34,20 @@ class BigramTeacher:
         return self.table[tokens]
 
 
+def token_split(train: np.ndarray, val: np.ndarray, path: str) -> TokenSplit:
+    """A split of in-memory tokens with the meta of a corpus cache (its files' checksums)."""
+    files = {
+        f"{k}.bin": {"sha256": hashlib.sha256(v.tobytes()).hexdigest()}
+        for k, v in (("train", train), ("val", val))
+    }
+    return TokenSplit(train, val, {"path": path, "dtype": str(train.dtype), "files": files})
+
+
 @pytest.fixture
 def split(tmp_path) -> TokenSplit:
     rng = np.random.default_rng(0)
     train, val = rng.integers(0, 256, 5000, dtype=np.uint8), rng.integers(0, 256, 1000, dtype=np.uint8)
-    return TokenSplit(train, val, {"path": str(tmp_path / "corpus-key")})
+    return token_split(train, val, str(tmp_path / "corpus-key"))
 
 
 REQ = TargetRequest(
