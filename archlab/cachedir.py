@@ -12,7 +12,6 @@ directory is not writable is used without the lock when it is complete.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import TypeVar
 from filelock import FileLock, Timeout
 
 from archlab import durable
+from archlab.durable import sha256_file
 from archlab.errors import ArchlabError
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ class Corrupt(Exception):
 
 class _NotWritable(Exception):
     """The cache's directory or lock cannot be created or opened for writing."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_file(file: Path, size: int, sha256: str) -> None:

@@ -16,7 +16,6 @@ states, the resolved config with enums as strings) and is read with
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -57,14 +56,6 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
     ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
     """Write checkpoint ``step`` atomically and durably, make it the LAST one, keep the newest ``KEEP``.
 
@@ -83,7 +74,10 @@ def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+    files = {
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": durable.sha256_file(tmp / name)}
+        for name in FILES
+    }
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     if final.exists():  # the same step written again: move the old one aside first
         os.rename(final, Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-")) / final.name)
@@ -119,7 +113,7 @@ def verify(ckpt: Path) -> None:
         path = ckpt / name
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} is truncated: {path.stat().st_size} bytes, {MANIFEST} says {size}")
-        if _sha256(path) != sha:
+        if durable.sha256_file(path) != sha:
             raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {MANIFEST}")
 
 

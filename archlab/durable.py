@@ -11,15 +11,30 @@ stays readable.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 
 def umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask: read from /proc on Linux; elsewhere by setting and restoring it (which
+    another thread creating a file at that instant would see)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (hex)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

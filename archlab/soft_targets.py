@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta, sha256_file
+from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta
 from archlab.data import TokenSplit, n_train_windows, stream_windows, windows
+from archlab.durable import sha256_file
 from archlab.errors import ArchlabError
 
 log = logging.getLogger(__name__)

@@ -187,7 +187,7 @@ def test_a_malicious_state_pt_is_refused_and_runs_nothing(run_dir, make_trainer)
     manifest = json.loads((ckpt / "manifest.json").read_text())  # the attacker rewrites the manifest too
     manifest["files"]["state.pt"] = {
         "bytes": (ckpt / "state.pt").stat().st_size,
-        "sha256": checkpoint._sha256(ckpt / "state.pt"),
+        "sha256": durable.sha256_file(ckpt / "state.pt"),
     }
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     readers = {
