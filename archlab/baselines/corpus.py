@@ -8,6 +8,7 @@ the core tokenises (bytes by default), splits by document and caches the result
 from __future__ import annotations
 
 import glob
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,12 +46,11 @@ class StdlibCorpus:
         return f"Python standard library at {self.root} ({', '.join(sorted(self.suffixes))})"
 
     def documents(self) -> Iterator[Document]:
-        files = [
-            p
-            for p in self.root.rglob("*")
-            if p.suffix in self.suffixes and "site-packages" not in p.parts and p.is_file()
-        ]
-        return _read_text_files(files, self.root)
+        files = []
+        for folder, subfolders, names in os.walk(self.root):
+            subfolders[:] = [s for s in subfolders if s not in ("site-packages", "__pycache__")]  # not walked
+            files += [Path(folder, n) for n in names if Path(n).suffix in self.suffixes]
+        return _read_text_files([p for p in files if p.is_file()], self.root)
 
 
 class FilesCorpus:

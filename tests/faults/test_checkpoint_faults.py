@@ -157,9 +157,10 @@ def test_a_damaged_newest_checkpoint_gives_way_to_the_previous_one(
     with pytest.raises(CheckpointError, match=str(newest)):
         checkpoint.find(newest)  # named directly: an error naming the damaged checkpoint
     assert checkpoint.latest(run_dir).name == "step_00000004"  # resume falls back
-    resumed = make_trainer(run_dir, *STEPS, "trainer.resume=auto")
-    resumed.run()
-    assert resumed.step == 6 and checkpoint.latest(run_dir).name == "step_00000006"
+    if (file, damage) == ("model.safetensors", "truncated"):  # once: the resumed run rewrites step 6
+        resumed = make_trainer(run_dir, *STEPS, "trainer.resume=auto")
+        resumed.run()
+        assert resumed.step == 6 and checkpoint.latest(run_dir).name == "step_00000006"
 
 
 def test_a_checkpoint_of_another_shape_names_the_tensors(trained, tmp_path, make_trainer) -> None:
@@ -221,13 +222,12 @@ KILL_POINTS = {  # (module, attribute): a call the save makes; the kill comes be
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(
-    tmp_path, make_trainer, monkeypatch, point, when
+    run_dir, make_trainer, monkeypatch, point, when
 ) -> None:
-    trainer = make_trainer(tmp_path, *STEPS)
-    for _ in range(2):
-        trainer.train_step(), trainer.train_step()
-        trainer.save(None)  # steps 2 and 4
-    trainer.train_step(), trainer.train_step()
+    resume = (*STEPS, "trainer.max_steps=8", "trainer.resume=auto")
+    trainer = make_trainer(run_dir, *resume)
+    trainer.restore(checkpoint.latest(run_dir))  # step 6, with step 4 on disk too
+    trainer.step = 8  # the save below is step 8's, whose prune removes step 4 (KEEP = 2)
     module, name = KILL_POINTS[point]
     real = getattr(module, name)
 
@@ -238,14 +238,12 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(
 
     monkeypatch.setattr(module, name, killed)
     with contextlib.suppress(Killed):
-        trainer.save(None)  # step 6, whose prune removes step 2 (KEEP = 2)
+        trainer.save(None)
     monkeypatch.undo()
-    last = checkpoint.latest(tmp_path)
-    assert last.name in ("step_00000004", "step_00000006")
+    last = checkpoint.latest(run_dir)
+    assert last.name in ("step_00000006", "step_00000008")
     checkpoint.verify(last)
-    resumed = make_trainer(tmp_path, *STEPS, "trainer.ckpt_every=100", "trainer.resume=auto")
-    resumed.run()
-    assert resumed.step == 6 and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    make_trainer(run_dir, *resume).restore(last)  # and a run resumes from it
 
 
 def test_a_save_fsyncs_every_file_and_directory_before_publishing(
@@ -288,7 +286,9 @@ def test_checkpoints_respect_the_umask(tmp_path, make_trainer, mask) -> None:
 
 def test_resuming_a_finished_run_keeps_its_summary_and_metrics(run_dir, make_trainer) -> None:
     summary, metrics = (run_dir / "summary.json").read_bytes(), (run_dir / "metrics.jsonl").read_bytes()
+    (run_dir / "checkpoints" / ".tmp-killed").mkdir()  # what a save killed part-way leaves
     again = make_trainer(run_dir, *STEPS, "trainer.resume=auto").run()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # removed at the start
     assert (run_dir / "summary.json").read_bytes() == summary and again == json.loads(summary)
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
