@@ -20,6 +20,7 @@ from archlab import registry
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
 from archlab.model import dims_from, linear_factory, slot_choices
+from archlab.slots import ValidatesConfig, offers
 
 
 @dataclass
@@ -189,7 +190,7 @@ def validate(cfg: DictConfig) -> None:
     OmegaConf.to_object(cfg.distill).validate()
     OmegaConf.to_object(cfg.density).validate()
     objective, objective_cfg = registry.configured("objective", cfg.objective)
-    if hasattr(objective_cfg, "validate"):
+    if offers(objective_cfg, ValidatesConfig):
         objective_cfg.validate(dims)
     if cfg.teacher.plugin == "none":
         if objective.needs_teacher:

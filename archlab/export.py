@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from archlab.errors import ArchlabError, ConfigError
+from archlab.slots import PackedState, offers
 
 FORMAT = "archlab-packed/1"
 
@@ -31,7 +32,7 @@ def packed_modules(model: nn.Module) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         inside = any(name.startswith(outer + ".") for outer in found)
-        if hasattr(module, "packed_state") and not inside:
+        if offers(module, PackedState) and not inside:
             found[name] = module
     return found
 

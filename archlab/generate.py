@@ -14,6 +14,7 @@ from torch import Tensor
 from archlab.context import KVCache
 from archlab.errors import ArchlabError
 from archlab.model import Student
+from archlab.slots import SupportsKVCache, is_causal, offers
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -43,7 +44,7 @@ def supports_kv_cache(model: Student) -> bool:
     """Whether every sublayer that mixes tokens (attention, memory) keeps its state in the KV cache."""
     slots = [name.rsplit(".", 1)[-1] for name in model.sublayer_names]  # "L<layer>.<slot>"
     mixing = [m for m, slot in zip(model.sublayers, slots, strict=True) if slot in ("attention", "memory")]
-    return all(getattr(m, "supports_kv_cache", False) for m in mixing)
+    return all(offers(m, SupportsKVCache) for m in mixing)
 
 
 def check_can_generate(model: Student, prompt: Tensor, max_new_tokens: int, *, use_cache: bool) -> None:
@@ -53,7 +54,7 @@ def check_can_generate(model: Student, prompt: Tensor, max_new_tokens: int, *, u
             f"prompt ({prompt.shape[1]} tokens) + {max_new_tokens} new tokens exceed the model's "
             f"context of {model.dims.context}; shorten the prompt or generate fewer tokens"
         )
-    non_causal = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False})
+    non_causal = sorted({type(m).__name__ for m in model.modules() if not is_causal(m)})
     if non_causal:
         raise ArchlabError(
             f"not causal (reads later tokens): {', '.join(non_causal)}; this student cannot generate, "

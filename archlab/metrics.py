@@ -21,14 +21,24 @@ import torch
 from torch import nn
 
 from archlab.model import Student
+from archlab.slots import (
+    ActiveParams,
+    AttentionFlops,
+    KVCacheAccounting,
+    SparseParams,
+    WeightBytes,
+    offering,
+    offers,
+)
 
 
-def _walk(module: nn.Module, override: str, own: Callable[[nn.Parameter], int]) -> int:
-    """Sum ``own`` over parameters, letting a module that defines ``override`` speak for its subtree."""
-    if hasattr(module, override):
-        return int(getattr(module, override)())
+def _walk(module: nn.Module, override: type, count: Callable, own: Callable[[nn.Parameter], int]) -> int:
+    """Sum ``own`` over parameters, letting a module that offers ``override`` speak for its subtree
+    (``count(module)``)."""
+    if offers(module, override):
+        return int(count(module))
     total = sum(own(p) for p in module.parameters(recurse=False))
-    return total + sum(_walk(child, override, own) for child in module.children())
+    return total + sum(_walk(child, override, count, own) for child in module.children())
 
 
 def _body(model: Student) -> list[nn.Module]:
@@ -46,36 +56,30 @@ def _body(model: Student) -> list[nn.Module]:
 def parameter_counts(model: Student) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
     non_embedding = sum(p.numel() for m in _body(model) for p in m.parameters())
-    active_body = sum(_walk(m, "num_active_params", nn.Parameter.numel) for m in _body(model))
+    active_body = sum(
+        _walk(m, ActiveParams, lambda a: a.num_active_params(), nn.Parameter.numel) for m in _body(model)
+    )
     return {
         "params/total": total,
         "params/non_embedding": non_embedding,
         "params/active": total - non_embedding + active_body,
         "params/active_non_embedding": active_body,
-        "params/sparse": sum(
-            m.num_sparse_params() for m in model.modules() if hasattr(m, "num_sparse_params")
-        ),
+        "params/sparse": sum(m.num_sparse_params() for m in offering(model.modules(), SparseParams)),
     }
 
 
 def weight_bytes(module: nn.Module) -> int:
-    return _walk(module, "weight_bytes", lambda p: p.numel() * p.element_size())
+    return _walk(module, WeightBytes, lambda m: m.weight_bytes(), lambda p: p.numel() * p.element_size())
 
 
 def flops_per_token(model: Student, active_non_embedding: int) -> int:
     d = model.dims
-    attention = sum(
-        m.attention_flops_per_token(d.context)
-        for m in model.modules()
-        if hasattr(m, "attention_flops_per_token")
-    )
+    attention = sum(m.attention_flops_per_token(d.context) for m in offering(model.modules(), AttentionFlops))
     return 2 * (active_non_embedding + d.d_model * d.vocab_size) + attention
 
 
 def kv_bytes_per_token(model: Student, dtype: torch.dtype) -> int:
-    elems = sum(
-        m.kv_cache_elems_per_token() for m in model.modules() if hasattr(m, "kv_cache_elems_per_token")
-    )
+    elems = sum(m.kv_cache_elems_per_token() for m in offering(model.modules(), KVCacheAccounting))
     return elems * dtype.itemsize
 
 

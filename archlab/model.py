@@ -28,6 +28,7 @@ from archlab.context import ForwardContext, KVCache, ModelDims, positions_for
 from archlab.contracts import check_forward, construct, note_where
 from archlab.errors import ConfigError
 from archlab.kernels import Kernel
+from archlab.slots import NormalizesInput, SupportsValueResidual, ValidatesConfig, offering, offers
 
 #: Sublayer slots of one transformer layer, in order.
 LAYER_SLOTS = ("attention", "ffn")
@@ -78,7 +79,7 @@ def normalizes_own_input(sublayer: nn.Module) -> bool:
     """True if every parameter of ``sublayer`` lives in a module that sets ``normalizes_input`` (e.g. a
     BitLinear with its own RMSNorm): then nothing reads the stream un-normalised and a block pre-norm
     would normalise twice. A sublayer with any other parameter (a router, an internal norm) keeps it."""
-    owners = [m for m in sublayer.modules() if getattr(m, "normalizes_input", False)]
+    owners = list(offering(sublayer.modules(), NormalizesInput))
     owned = {id(p) for m in owners for p in m.parameters()}
     params = list(sublayer.parameters())
     return bool(owners) and all(id(p) in owned for p in params)
@@ -186,14 +187,12 @@ def slot_choices(cfg: DictConfig) -> dict[str, Choice]:
     choices = {}
     for slot in registry.MODEL_SLOTS:
         choices[slot] = Choice(*registry.configured(slot, cfg[slot]))
-        if hasattr(choices[slot].cfg, "validate"):
+        if offers(choices[slot].cfg, ValidatesConfig):
             choices[slot].cfg.validate(dims)
     layers = choices["memory"].cfg.layers
     if len(set(layers)) < len(layers) or not all(0 <= i < dims.n_layers for i in layers):
         raise ConfigError("memory.layers", layers, f"distinct layer indices in [0, {dims.n_layers})")
-    if cfg.model.get("value_residual", False) and not getattr(
-        choices["attention"].cls, "supports_value_residual", False
-    ):
+    if cfg.model.get("value_residual", False) and not offers(choices["attention"].cls, SupportsValueResidual):
         raise ConfigError(
             "model.value_residual",
             True,

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from archlab.slots import DepthWeightsReport, offers
+
 DEPTH_WEIGHTS = "depth_weights"
 
 
@@ -33,8 +35,8 @@ class DepthWeights(NamedTuple):
 @torch.no_grad()
 def record_depth_weights(model: nn.Module, tokens: Tensor) -> DepthWeights | None:
     """One forward of ``tokens`` with the residual plugin recording; None if it has no such hook."""
-    residual = getattr(model, "residual", None)
-    if not hasattr(residual, "depth_weights"):
+    residual = model.residual
+    if not offers(residual, DepthWeightsReport):
         return None
     was_training = model.training
     model.eval()

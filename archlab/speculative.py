@@ -36,6 +36,7 @@ from archlab.context import KVCache
 from archlab.errors import ArchlabError, ConfigError
 from archlab.generate import check_can_generate, filter_logits, generate
 from archlab.model import Student
+from archlab.slots import DraftHeads, SupportsKVCache, SupportsTreeMask, offering, offers
 
 #: Default top tokens per depth: 1 + 4 + 8 + 8 = 21 nodes.
 DEFAULT_WIDTHS = (4, 2, 1)
@@ -137,8 +138,8 @@ class Stats:
 def check_can_verify(model: Student, prompt: Tensor, max_new_tokens: int, widths: Sequence[int]) -> None:
     """Raise ArchlabError unless this student can decode speculatively with a tree of ``widths``."""
     check_can_generate(model, prompt, max_new_tokens, use_cache=True)
-    k = getattr(model.head, "num_draft_heads", 0)
-    if not hasattr(model.head, "draft_logits") or k < 1:
+    k = model.head.num_draft_heads if offers(model.head, DraftHeads) else 0
+    if k < 1:
         raise ArchlabError(
             f"head {type(model.head).__name__} has no draft heads; train the student with head=medusa"
         )
@@ -149,8 +150,8 @@ def check_can_verify(model: Student, prompt: Tensor, max_new_tokens: int, widths
         raise ArchlabError(
             f"speculative decoding takes one prompt at a time, not a batch of {prompt.shape[0]}"
         )
-    cached = [m for m in model.modules() if getattr(m, "supports_kv_cache", False)]
-    unmasked = sorted({type(m).__name__ for m in cached if not getattr(m, "supports_tree_mask", False)})
+    cached = offering(model.modules(), SupportsKVCache)
+    unmasked = sorted({type(m).__name__ for m in cached if not offers(m, SupportsTreeMask)})
     if unmasked:
         raise ArchlabError(
             f"{', '.join(unmasked)} cannot take a tree attention mask (no supports_tree_mask); "

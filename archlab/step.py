@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from archlab.slots import StepEndHook, offering
+
 
 @dataclass
 class MicroBatch:
@@ -49,7 +51,7 @@ class OptimizerStep:
         self.model, self.objective, self.optimizer, self.scheduler = model, objective, optimizer, scheduler
         self.grad_clip, self.autocast = grad_clip, autocast
         # updates outside the optimizer, after it (e.g. MoE balancing biases)
-        self.hooks: Sequence[nn.Module] = [m for m in model.modules() if hasattr(m, "on_step_end")]
+        self.hooks: Sequence[nn.Module] = list(offering(model.modules(), StepEndHook))
 
     def __call__(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,7 @@ from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
+from archlab.slots import BringsTokenizer, DepthWeightsReport, offers
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
@@ -106,7 +107,7 @@ def tokenizer_for(cfg: DictConfig) -> Tokenizer:
     """Bytes, unless the configured teacher brings its own tokenizer (``tokenizer(cfg)``)."""
     if cfg.teacher.plugin != "none":
         teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
-        if hasattr(teacher_cls, "tokenizer"):
+        if offers(teacher_cls, BringsTokenizer):
             return teacher_cls.tokenizer(teacher_cfg)
     return ByteTokenizer()
 
@@ -320,7 +321,7 @@ class Trainer:
     def log_plots(self, loggers: Loggers) -> None:
         """Plugin diagnostics on the first validation batch (``archlab.plots``): the residual plugin's
         depth weights, if it offers them, to ``<run_dir>/plots/depth_weights.{png,json}`` and W&B."""
-        if not hasattr(self.model.residual, "depth_weights"):
+        if not offers(self.model.residual, DepthWeightsReport):
             return
         first_batch = val_batches(
             self.split.val,

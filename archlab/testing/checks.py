@@ -27,6 +27,7 @@ from archlab.errors import ArchlabError
 from archlab.generate import generate, supports_kv_cache
 from archlab.metrics import model_metrics
 from archlab.model import Student, build_student
+from archlab.slots import ActiveParams, KVCacheAccounting, is_causal, offering, offers
 
 #: The tiny student every check builds (seconds on a CPU).
 TINY = ("model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.context=32")
@@ -81,7 +82,7 @@ def loss_of(model: Student, x: Tensor) -> Tensor:
 
 
 def non_causal(model: nn.Module) -> str | None:
-    names = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False})
+    names = sorted({type(m).__name__ for m in model.modules() if not is_causal(m)})
     return f"declares is_causal = False ({', '.join(names)})" if names else None
 
 
@@ -308,9 +309,7 @@ def check_kv_cache(case: Case) -> None:
     assert_close(
         torch.cat(steps, dim=1), full, "logits decoded through the KV cache vs the full forward", 1e-4
     )
-    declared = sum(
-        m.kv_cache_elems_per_token() for m in model.modules() if hasattr(m, "kv_cache_elems_per_token")
-    )
+    declared = sum(m.kv_cache_elems_per_token() for m in offering(model.modules(), KVCacheAccounting))
     held = cache.elements_per_token()
     assert declared == held, (
         f"kv_cache_elems_per_token() sums to {declared}, the cache holds {held} per token"
@@ -364,7 +363,7 @@ def check_parameter_accounting(case: Case) -> None:
         f"weight_bytes / flops_per_token not positive: {m}"
     )
     for module in case.instances(model):
-        if hasattr(module, "num_active_params"):
+        if offers(module, ActiveParams):
             own = sum(p.numel() for p in module.parameters())
             active = module.num_active_params()
             assert 0 <= active <= own, (

@@ -145,7 +145,9 @@ def test_value_residual_mixes_layer_one_latent_into_the_values(absorb: bool) -> 
         for a, b in chunks:  # both layers see one context per forward, as in the student
             ctx = ForwardContext(torch.arange(a, b), _no_rotate, sdpa_attention, cache, value_lambdas=[lam])
             with torch.no_grad():
+                ctx.layer = 0
                 first(x1[:, a:b], ctx)
+                ctx.layer = 1
                 outputs.append(second(x2[:, a:b], ctx))
             if cache is not None:
                 cache.offset = b

@@ -1,0 +1,202 @@
+"""The optional capabilities a plugin may offer, declared once: what each is, which slots offer it,
+and what the core does with it.
+
+Each capability is a runtime-checkable ``typing.Protocol`` (for type checkers and plugin
+authors) plus one row of ``CAPABILITIES``; core code asks ``offers(module, SupportsKVCache)``
+and never looks a hook up by name itself. A *flag* capability is a class attribute that
+must be true (``supports_kv_cache = True``); a *method* capability is a callable member.
+``docs/plugins.md`` lists the same table; a test fails when the two differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class SupportsKVCache(Protocol):
+    """Appends what it keeps per token to ``ctx.cache`` and reads it back: ``generate`` decodes with
+    the KV cache only when every token-mixing sublayer (attention, memory) offers it."""
+
+    supports_kv_cache: bool
+
+
+@runtime_checkable
+class SupportsTreeMask(Protocol):
+    """Honours ``ctx.attn_mask`` (a token tree's mask) when it computes attention itself:
+    speculative decoding (``generate --medusa``) requires it of every cached sublayer."""
+
+    supports_tree_mask: bool
+
+
+@runtime_checkable
+class SupportsValueResidual(Protocol):
+    """Calls ``ctx.value_residual(v)`` on its values: ``model.value_residual=true`` requires it of the
+    attention plugin."""
+
+    supports_value_residual: bool
+
+
+@runtime_checkable
+class NormalizesInput(Protocol):
+    """A projection that normalises its own input (BitNet's BitLinear): a sublayer built only of such
+    projections gets no pre-norm."""
+
+    normalizes_input: bool
+
+
+@runtime_checkable
+class KVCacheAccounting(Protocol):
+    """Elements it keeps in the KV cache per token: summed into ``kv_bytes_per_token``; the
+    conformance suite checks it against what the cache really holds."""
+
+    def kv_cache_elems_per_token(self) -> int: ...
+
+
+@runtime_checkable
+class AttentionFlops(Protocol):
+    """Forward FLOPs per token of its attention scores and mixing at ``context`` (beyond its
+    parameters' 2 N): added to ``flops_per_token``."""
+
+    def attention_flops_per_token(self, context: int) -> int: ...
+
+
+@runtime_checkable
+class ActiveParams(Protocol):
+    """Parameters one token touches in its subtree (a routed MoE layer): speaks for the subtree in
+    ``params/active``."""
+
+    def num_active_params(self) -> int: ...
+
+
+@runtime_checkable
+class SparseParams(Protocol):
+    """Parameters of looked-up tables (Engram's n-gram tables): reported as ``params/sparse``."""
+
+    def num_sparse_params(self) -> int: ...
+
+
+@runtime_checkable
+class WeightBytes(Protocol):
+    """Bytes its weights take when stored compactly (ternary: 2 bits each): speaks for its subtree
+    in ``weight_bytes``."""
+
+    def weight_bytes(self) -> int: ...
+
+
+@runtime_checkable
+class PackedState(Protocol):
+    """Its subtree's state in a compact form and back: ``archlab export --packed`` writes it."""
+
+    def packed_state(self) -> dict[str, Tensor]: ...
+
+    def load_packed_state(self, state: dict[str, Tensor]) -> None: ...
+
+
+@runtime_checkable
+class StepEndHook(Protocol):
+    """Runs after every optimizer step (the aux-loss-free router's bias update)."""
+
+    def on_step_end(self) -> None: ...
+
+
+@runtime_checkable
+class DepthWeightsReport(Protocol):
+    """A residual plugin's learnt mixing over depth: plotted to ``plots/depth_weights.png``."""
+
+    def depth_weights(self) -> Any: ...
+
+
+@runtime_checkable
+class DraftHeads(Protocol):
+    """A head with extra heads drafting later tokens (Medusa): speculative decoding uses them."""
+
+    num_draft_heads: int
+
+    def draft_logits(self, h: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class DeclaresCausality(Protocol):
+    """``is_causal = False`` marks a module that reads later tokens (expert-choice routing):
+    ``generate`` and the causality check refuse it."""
+
+    is_causal: bool
+
+
+@runtime_checkable
+class BringsTokenizer(Protocol):
+    """A teacher class with its own tokenizer (``tokenizer(cfg)``): the run's tokens and
+    ``model.vocab_size`` become the teacher's."""
+
+    def tokenizer(self, cfg: Any) -> Any: ...
+
+
+@runtime_checkable
+class ValidatesConfig(Protocol):
+    """A plugin's ``Config`` that checks itself against the model's dimensions (``validate(dims)``,
+    raising ``ConfigError``): called when the run is composed, before anything trains."""
+
+    def validate(self, dims: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One row of the capability table."""
+
+    protocol: type
+    member: str  # the attribute that declares a flag, or the (first) method
+    slots: tuple[str, ...]
+    flag: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.protocol.__name__
+
+    @property
+    def doc(self) -> str:
+        return " ".join((self.protocol.__doc__ or "").split())
+
+
+CAPABILITIES = (
+    Capability(SupportsKVCache, "supports_kv_cache", ("attention", "memory"), flag=True),
+    Capability(SupportsTreeMask, "supports_tree_mask", ("attention", "memory"), flag=True),
+    Capability(SupportsValueResidual, "supports_value_residual", ("attention",), flag=True),
+    Capability(NormalizesInput, "normalizes_input", ("linear",), flag=True),
+    Capability(KVCacheAccounting, "kv_cache_elems_per_token", ("attention", "memory")),
+    Capability(AttentionFlops, "attention_flops_per_token", ("attention",)),
+    Capability(ActiveParams, "num_active_params", ("ffn", "any module")),
+    Capability(SparseParams, "num_sparse_params", ("memory", "any module")),
+    Capability(WeightBytes, "weight_bytes", ("linear",)),
+    Capability(PackedState, "packed_state", ("linear",)),
+    Capability(StepEndHook, "on_step_end", ("any module",)),
+    Capability(DepthWeightsReport, "depth_weights", ("residual",)),
+    Capability(DraftHeads, "draft_logits", ("head",)),
+    Capability(DeclaresCausality, "is_causal", ("any module",)),
+    Capability(BringsTokenizer, "tokenizer", ("teacher",)),
+    Capability(ValidatesConfig, "validate", ("any plugin's Config",)),
+)
+_BY_PROTOCOL = {c.protocol: c for c in CAPABILITIES}
+
+
+def offers(obj: object, protocol: type) -> bool:
+    """Whether ``obj`` (a module, or a plugin class) offers the capability ``protocol``: every member
+    present, and a flag set."""
+    capability = _BY_PROTOCOL[protocol]
+    if not isinstance(obj, protocol):
+        return False
+    return bool(getattr(obj, capability.member)) if capability.flag else True
+
+
+def offering(modules: Iterable[nn.Module], protocol: type) -> Iterator[Any]:
+    """The modules that offer ``protocol``."""
+    return (m for m in modules if offers(m, protocol))
+
+
+def is_causal(module: nn.Module) -> bool:
+    """False only for a module that declares ``is_causal = False``."""
+    return not isinstance(module, DeclaresCausality) or bool(module.is_causal)
