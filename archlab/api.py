@@ -18,6 +18,9 @@ What is here, by use:
 - **Diagnostics**: ``DepthWeights``, what a residual plugin's ``depth_weights()`` returns.
 - **Errors**: ``ConfigError(key, value, allowed)`` for a config value that is not allowed,
   ``PluginError`` and their base ``ArchlabError``.
+- **Capabilities** (``archlab.slots``): the optional hooks a plugin may offer, each a
+  runtime-checkable ``Protocol`` (``SupportsKVCache``, ``PackedState``, ...), and ``offers(obj,
+  protocol)``, the one way to ask whether something offers one.
 - **Plugins of a part slot** (an MoE layer choosing its router): ``get_plugin(slot, name)``
   and ``installed_plugins(slot)``.
 """
@@ -35,11 +38,47 @@ from archlab.model import RESIDUAL_OUTPUT_ROLES
 from archlab.plots import DepthWeights
 from archlab.registry import get as get_plugin
 from archlab.registry import plugins as installed_plugins
+from archlab.slots import (
+    ActiveParams,
+    AttentionFlops,
+    BringsTokenizer,
+    DeclaresCausality,
+    DepthWeightsReport,
+    DraftHeads,
+    KVCacheAccounting,
+    NormalizesInput,
+    PackedState,
+    SparseParams,
+    StepEndHook,
+    SupportsKVCache,
+    SupportsTreeMask,
+    SupportsValueResidual,
+    ValidatesConfig,
+    WeightBytes,
+    offers,
+)
 
 API_VERSION = 1
 
 __all__ = [
     "API_VERSION",
+    "ActiveParams",
+    "AttentionFlops",
+    "BringsTokenizer",
+    "DeclaresCausality",
+    "DepthWeightsReport",
+    "DraftHeads",
+    "KVCacheAccounting",
+    "NormalizesInput",
+    "PackedState",
+    "SparseParams",
+    "StepEndHook",
+    "SupportsKVCache",
+    "SupportsTreeMask",
+    "SupportsValueResidual",
+    "ValidatesConfig",
+    "WeightBytes",
+    "offers",
     "RESIDUAL_OUTPUT_ROLES",
     "ArchlabError",
     "ConfigError",

@@ -146,12 +146,17 @@ class ValidatesConfig(Protocol):
 
 @dataclass(frozen=True)
 class Capability:
-    """One row of the capability table."""
+    """One row of the capability table: the protocol, how a plugin declares it, who offers it."""
 
     protocol: type
-    member: str  # the attribute that declares a flag, or the (first) method
+    declared: str  # as a plugin author writes it
     slots: tuple[str, ...]
-    flag: bool = False
+    flag: str | None = None  # a flag capability: this attribute must also be true
+
+    @classmethod
+    def flagged(cls, protocol: type, member: str, slots: tuple[str, ...]) -> Capability:
+        """A flag capability, declared ``member = True``."""
+        return cls(protocol, f"`{member} = True`", slots, flag=member)
 
     @property
     def name(self) -> str:
@@ -163,24 +168,32 @@ class Capability:
 
 
 CAPABILITIES = (
-    Capability(SupportsKVCache, "supports_kv_cache", ("attention", "memory"), flag=True),
-    Capability(SupportsTreeMask, "supports_tree_mask", ("attention", "memory"), flag=True),
-    Capability(SupportsValueResidual, "supports_value_residual", ("attention",), flag=True),
-    Capability(NormalizesInput, "normalizes_input", ("linear",), flag=True),
-    Capability(KVCacheAccounting, "kv_cache_elems_per_token", ("attention", "memory")),
-    Capability(AttentionFlops, "attention_flops_per_token", ("attention",)),
-    Capability(ActiveParams, "num_active_params", ("ffn", "any module")),
-    Capability(SparseParams, "num_sparse_params", ("memory", "any module")),
-    Capability(WeightBytes, "weight_bytes", ("linear",)),
-    Capability(PackedState, "packed_state", ("linear",)),
-    Capability(StepEndHook, "on_step_end", ("any module",)),
-    Capability(DepthWeightsReport, "depth_weights", ("residual",)),
-    Capability(DraftHeads, "draft_logits", ("head",)),
-    Capability(DeclaresCausality, "is_causal", ("any module",)),
-    Capability(BringsTokenizer, "tokenizer", ("teacher",)),
-    Capability(ValidatesConfig, "validate", ("any plugin's Config",)),
+    Capability.flagged(SupportsKVCache, "supports_kv_cache", ("attention", "memory")),
+    Capability.flagged(SupportsTreeMask, "supports_tree_mask", ("attention", "memory")),
+    Capability.flagged(SupportsValueResidual, "supports_value_residual", ("attention",)),
+    Capability.flagged(NormalizesInput, "normalizes_input", ("linear",)),
+    Capability(KVCacheAccounting, "`kv_cache_elems_per_token()`", ("attention", "memory")),
+    Capability(AttentionFlops, "`attention_flops_per_token(context)`", ("attention",)),
+    Capability(ActiveParams, "`num_active_params()`", ("ffn", "any module")),
+    Capability(SparseParams, "`num_sparse_params()`", ("memory", "any module")),
+    Capability(WeightBytes, "`weight_bytes()`", ("linear",)),
+    Capability(PackedState, "`packed_state()`, `load_packed_state(state)`", ("linear",)),
+    Capability(StepEndHook, "`on_step_end()`", ("any module",)),
+    Capability(DepthWeightsReport, "`depth_weights()`", ("residual",)),
+    Capability(DraftHeads, "`num_draft_heads: int`, `draft_logits(h)`", ("head",)),
+    Capability(DeclaresCausality, "`is_causal = False`", ("any module",)),
+    Capability(BringsTokenizer, "`tokenizer(cfg)` (class method)", ("teacher",)),
+    Capability(ValidatesConfig, "`validate(dims)`", ("any plugin's Config",)),
 )
 _BY_PROTOCOL = {c.protocol: c for c in CAPABILITIES}
+
+
+def capability_table() -> str:
+    """``CAPABILITIES`` as the Markdown table ``docs/plugins.md`` carries (a test keeps them equal)."""
+    rows = ["| Capability | Declared by | Offered by | What the core does with it |", "|---|---|---|---|"]
+    for c in CAPABILITIES:
+        rows.append(f"| `{c.name}` | {c.declared} | {', '.join(c.slots)} | {c.doc} |")
+    return "\n".join(rows) + "\n"
 
 
 def offers(obj: object, protocol: type) -> bool:
@@ -189,7 +202,7 @@ def offers(obj: object, protocol: type) -> bool:
     capability = _BY_PROTOCOL[protocol]
     if not isinstance(obj, protocol):
         return False
-    return bool(getattr(obj, capability.member)) if capability.flag else True
+    return capability.flag is None or bool(getattr(obj, capability.flag))
 
 
 def offering(modules: Iterable[nn.Module], protocol: type) -> Iterator[Any]:
