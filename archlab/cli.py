@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from archlab import __version__, registry
-from archlab.errors import ArchlabError, ConfigError
+from archlab.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArchlabError, ConfigError
 
 log = logging.getLogger("archlab")
 
@@ -69,13 +69,20 @@ def train_job(cfg: DictConfig) -> float:
     from archlab.config import validate
     from archlab.trainer import Trainer
 
+    info = run_info(cfg)
     try:
         validate(cfg)
-        info = run_info(cfg)
         summary = Trainer(cfg, info).run()
     except ArchlabError as exc:
         print(f"archlab: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print(
+            f"archlab: interrupted; the last checkpoint in {info.run_dir} is kept "
+            "(continue with trainer.resume=auto)",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
     print(
         f"\nval bpb {summary['val/bpb']:.4f} after {summary['train/steps']} steps "
         f"({summary['tokens_per_s']:,.0f} tokens/s)"
@@ -276,9 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         if command == "--version":
             print(f"archlab {__version__}")
             return 0
-    except (ArchlabError, HydraException, OmegaConfBaseException) as exc:  # bad input: one message
+    except ArchlabError as exc:  # bad input (2) or a failed run (3): one message
         print(f"archlab: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except (HydraException, OmegaConfBaseException) as exc:  # a config that does not compose
+        print(f"archlab: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("archlab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"archlab: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,10 +1,25 @@
-"""Errors that the CLI prints as one clear line instead of a traceback."""
+"""Errors that the CLI prints as one clear line instead of a traceback, and its exit codes.
+
+Exit codes of every ``archlab`` command: 0 done; 1 a crash (an unexpected exception, with its
+traceback); 2 bad input (``ArchlabError``: a config value, a file, a flag); 3 a run that started
+and failed (``RunFailedError``: it diverged, a study stage failed); 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
+EXIT_CRASH, EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
+
 
 class ArchlabError(Exception):
-    """Base of every error archlab reports to a user."""
+    """Base of every error archlab reports to a user; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class RunFailedError(ArchlabError):
+    """A run that was set up correctly and then failed (diverged, a study stage exited non-zero)."""
+
+    exit_code = EXIT_RUN_FAILED
 
 
 class ConfigError(ArchlabError, ValueError):
@@ -23,5 +38,5 @@ class CorpusError(ArchlabError):
     """A corpus that cannot be read or holds no text."""
 
 
-class NonFiniteLossError(ArchlabError):
+class NonFiniteLossError(RunFailedError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""

@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from archlab import ladder, registry
-from archlab.errors import ArchlabError, ConfigError
+from archlab.errors import ConfigError, RunFailedError
 
 PRESETS_DIR = Path(__file__).parent / "studies"
 PLACEBO_INIT_SEED = 1000  # placebo at seed s draws its initialisation with model.init_seed = 1000 + s
@@ -373,7 +373,7 @@ def _finite(node):
     return node
 
 
-class StudyError(ArchlabError, RuntimeError):
+class StudyError(RunFailedError):
     """A stage's subprocess failed; the message points at its log."""
 
 
