@@ -27,9 +27,9 @@ commands:
                       trainer.max_steps=20; -m for a multirun sweep; --help for the config
   plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
   generate CHECKPOINT --prompt TEXT [--temperature T --top-k K --top-p P]
-                      [--medusa [--medusa-tree 4,2,1] [--compare]]
-                      continue a prompt with a trained student (KV-cache decoding; --medusa:
-                      speculative decoding with the student's draft heads, exact)
+                      [--draft [--draft-tree 4,2,1] [--compare]]
+                      continue a prompt with a trained student (KV-cache decoding; --draft:
+                      speculative decoding with the head's draft heads, e.g. head=medusa, exact)
   study [--quick] [--out DIR] [OVERRIDES]
                       the main job: a dense reference ladder and plugin students under one
                       teacher, fitted and compared by capability density in an HTML report
@@ -138,6 +138,22 @@ def teacher(args: list[str]) -> int:
     return 0
 
 
+#: Flags renamed in 0.x (old -> new); the old spelling works, with a warning, for one release.
+RENAMED_FLAGS = {"--medusa": "--draft", "--medusa-tree": "--draft-tree"}
+
+
+def _renamed_flags(args: list[str]) -> list[str]:
+    """``args`` with renamed flags (``RENAMED_FLAGS``) spelt the new way, warning once per flag."""
+    out = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in RENAMED_FLAGS:
+            print(f"archlab: warning: {flag} is now {RENAMED_FLAGS[flag]}", file=sys.stderr)
+            arg = RENAMED_FLAGS[flag] + eq + value
+        out.append(arg)
+    return out
+
+
 def generate(args: list[str]) -> int:
     """``archlab generate CHECKPOINT --prompt TEXT``: continue a prompt with a trained student."""
     parser = argparse.ArgumentParser(
@@ -152,12 +168,14 @@ def generate(args: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--medusa", action="store_true", help="speculative decoding with draft heads")
-    parser.add_argument("--medusa-tree", default="4,2,1", help="--medusa: top tokens per depth")
-    parser.add_argument("--compare", action="store_true", help="--medusa: also time plain decoding")
-    opts = parser.parse_args(args)
+    parser.add_argument(
+        "--draft", action="store_true", help="speculative decoding with the head's draft heads (exact)"
+    )
+    parser.add_argument("--draft-tree", default="4,2,1", help="--draft: top tokens per draft depth")
+    parser.add_argument("--compare", action="store_true", help="--draft: also time plain decoding")
+    opts = parser.parse_args(_renamed_flags(args))
     for key, bad, allowed in (
-        ("--no-cache", opts.medusa and opts.no_cache, "off with --medusa (it verifies through the cache)"),
+        ("--no-cache", opts.draft and opts.no_cache, "off with --draft (it verifies through the cache)"),
         ("--max-new-tokens", opts.max_new_tokens < 1, "a positive integer"),
         ("--temperature", opts.temperature < 0, "a number >= 0"),
         ("--top-k", opts.top_k < 0, "an integer >= 0"),
@@ -165,9 +183,9 @@ def generate(args: list[str]) -> int:
     ):
         if bad:
             raise ConfigError(key, getattr(opts, key[2:].replace("-", "_")), allowed)
-    from archlab.speculative import generate_speculative, medusa_report, parse_widths
+    from archlab.speculative import generate_speculative, parse_widths, speculative_report
 
-    widths = parse_widths(opts.medusa_tree) if opts.medusa else ()
+    widths = parse_widths(opts.draft_tree) if opts.draft else ()
     import time
 
     import torch
@@ -188,7 +206,7 @@ def generate(args: list[str]) -> int:
         raise ConfigError("--prompt", opts.prompt, "text that encodes to at least one token")
     sampling = {"temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p}
     start = time.perf_counter()
-    if opts.medusa:
+    if opts.draft:
         generator = torch.Generator(device).manual_seed(opts.seed)
         out, stats = generate_speculative(
             model, prompt, opts.max_new_tokens, widths=widths, **sampling, generator=generator
@@ -209,8 +227,8 @@ def generate(args: list[str]) -> int:
         f"{'no cache' if opts.no_cache else 'KV cache'}; {ckpt}]",
         file=sys.stderr,
     )
-    if opts.medusa:
-        report = medusa_report(model, prompt, out, stats, sampling, widths=widths, compare=opts.compare)
+    if opts.draft:
+        report = speculative_report(model, prompt, out, stats, sampling, widths=widths, compare=opts.compare)
         print(report, file=sys.stderr)
     return 0
 

@@ -28,7 +28,7 @@ class SupportsKVCache(Protocol):
 @runtime_checkable
 class SupportsTreeMask(Protocol):
     """Honours ``ctx.attn_mask`` (a token tree's mask) when it computes attention itself:
-    speculative decoding (``generate --medusa``) requires it of every cached sublayer."""
+    speculative decoding (``generate --draft``) requires it of every cached sublayer."""
 
     supports_tree_mask: bool
 

@@ -1,7 +1,8 @@
 """Speculative decoding with draft heads: exact greedy tree verification and exact speculative sampling.
 
-A head that drafts (``head=medusa``) defines ``num_draft_heads`` (K) and ``draft_logits(h) -> (b, t, K, V)``:
-at position t, draft k (0-based) predicts x_{t+k+2} while the base head predicts x_{t+1}.
+A head that drafts (the ``DraftHeads`` capability, e.g. ``head=medusa``) defines ``num_draft_heads``
+(K) and ``draft_logits(h) -> (b, t, K, V)``: at position t, draft k (0-based) predicts x_{t+k+2}
+while the base head predicts x_{t+1}.
 
 Greedy (Medusa, Cai et al. 2024, arXiv 2401.10774, §2.1.2), one base forward per step:
     root  = argmax p(· | x_≤t)                          (emitted by the previous forward)
@@ -92,13 +93,13 @@ class Tree:
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
-    """``--medusa-tree 4,2,1`` -> (4, 2, 1); ConfigError unless positive integers."""
+    """``--draft-tree 4,2,1`` -> (4, 2, 1); ConfigError unless positive integers."""
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         widths = ()
     if not widths or min(widths) < 1:
-        raise ConfigError("--medusa-tree", text, "comma-separated positive integers, e.g. 4,2,1")
+        raise ConfigError("--draft-tree", text, "comma-separated positive integers, e.g. 4,2,1")
     return widths
 
 
@@ -141,11 +142,12 @@ def check_can_verify(model: Student, prompt: Tensor, max_new_tokens: int, widths
     k = model.head.num_draft_heads if offers(model.head, DraftHeads) else 0
     if k < 1:
         raise ArchlabError(
-            f"head {type(model.head).__name__} has no draft heads; train the student with head=medusa"
+            f"head {type(model.head).__name__} has no draft heads (the DraftHeads capability); train the "
+            "student with a head that offers them, e.g. head=medusa"
         )
     if len(widths) > k or max(widths, default=1) > model.dims.vocab_size:
         allowed = f"at most {k} depths (the heads), each at most {model.dims.vocab_size} wide (the vocab)"
-        raise ConfigError("--medusa-tree", ",".join(map(str, widths)), allowed)
+        raise ConfigError("--draft-tree", ",".join(map(str, widths)), allowed)
     if prompt.shape[0] != 1:
         raise ArchlabError(
             f"speculative decoding takes one prompt at a time, not a batch of {prompt.shape[0]}"
@@ -155,7 +157,7 @@ def check_can_verify(model: Student, prompt: Tensor, max_new_tokens: int, widths
     if unmasked:
         raise ArchlabError(
             f"{', '.join(unmasked)} cannot take a tree attention mask (no supports_tree_mask); "
-            "decode without --medusa"
+            "decode without --draft"
         )
 
 
@@ -254,15 +256,15 @@ def accept_chain(
     return path, new
 
 
-def medusa_report(
+def speculative_report(
     model: Student, prompt: Tensor, out: Tensor, stats: Stats, sampling: dict, *, widths, compare: bool
 ) -> str:
-    """The stats line of ``archlab generate --medusa``. With ``compare``, plain decoding (KV cache, same
-    sampling settings) and then Medusa decoding again are timed in this process, both warm, for the
+    """The stats line of ``archlab generate --draft``. With ``compare``, plain decoding (KV cache, same
+    sampling settings) and then speculative decoding again are timed in this process, both warm, for the
     speed-up (and, greedy, the identity check)."""
     n = out.shape[1] - prompt.shape[1]
     line = (
-        f"[medusa: {stats.mean_accepted_length:.2f} tokens per base forward ({n} tokens, {stats.forwards} "
+        f"[draft: {stats.mean_accepted_length:.2f} tokens per base forward ({n} tokens, {stats.forwards} "
         f"forwards), {n / stats.seconds:.1f} tokens/s"
     )
     if compare:

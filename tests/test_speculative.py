@@ -227,6 +227,6 @@ def test_refusals_name_the_fix(monkeypatch) -> None:
     with pytest.raises(ArchlabError, match="cannot take a tree attention mask"):
         generate_speculative(model, prompt, 5)
     for text in ("", "4,0", "a,b"):
-        with pytest.raises(ConfigError, match="medusa-tree"):
+        with pytest.raises(ConfigError, match="draft-tree"):
             parse_widths(text)
     assert parse_widths("4,2,1") == (4, 2, 1)

@@ -207,7 +207,7 @@ def test_train_then_generate_with_medusa_from_the_cli(tmp_path) -> None:
     tiny_run(tmp_path, "model.context=64").run()
     cmd = [sys.executable, "-m", "archlab.cli", "generate", str(tmp_path / "run"), "--prompt", "def f("]
     result = subprocess.run(
-        [*cmd, "--max-new-tokens", "20", "--medusa", "--medusa-tree", "2,2", "--compare"],
+        [*cmd, "--max-new-tokens", "20", "--draft", "--draft-tree", "2,2", "--compare"],
         capture_output=True,
         text=True,
         env={**os.environ},
@@ -218,4 +218,5 @@ def test_train_then_generate_with_medusa_from_the_cli(tmp_path) -> None:
     bad = subprocess.run(
         [*cmd, "--medusa", "--medusa-tree", "4,0"], capture_output=True, text=True, timeout=120
     )
-    assert bad.returncode == 2 and "--medusa-tree='4,0' is not allowed" in bad.stderr
+    assert bad.returncode == 2 and "--draft-tree='4,0' is not allowed" in bad.stderr
+    assert "--medusa is now --draft" in bad.stderr  # the old flags still work, for one release

@@ -7,7 +7,7 @@
 Medusa-1 (heads on a frozen backbone) is the same loss with ``trainer.train_only=[head.heads]``. With
 ``distill=true`` and a teacher, head k's term is KL(teacher_{t+k} ‖ q^(k)_t) instead of the CE: the
 shared teacher's distribution for the same token x_{t+k+1}. Every head starts equal to the base head.
-Decoding with the drafts: ``archlab.speculative`` (``archlab generate --medusa``) through
+Decoding with the drafts: ``archlab.speculative`` (``archlab generate --draft``) through
 ``draft_logits``.
 Shapes: b batch, t tokens, d d_model, K heads (``num_heads``), V vocab.
 
