@@ -14,18 +14,22 @@ dataclass, built as ``cls(cfg, env)`` with the ``TeacherEnv`` below, offering:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from archlab.data import TokenSplit
 
 
 @dataclass
 class TeacherEnv:
-    """What a teacher may use to build itself: the run's corpus split and where to cache its state."""
+    """What a teacher may use to build itself: the run's corpus split, where to cache its state, and
+    the ``train`` service: ``train(cfg, run_dir)`` trains an archlab student from a composed config into
+    ``run_dir`` on this split, resuming from its checkpoints there (a teacher never imports the trainer)."""
 
     split: TokenSplit  # train and validation tokens (memory maps) and their metadata
     vocab_size: int
@@ -33,6 +37,7 @@ class TeacherEnv:
     cache_dir: Path  # a directory the teacher may use for its own state
     device: torch.device
     progress: bool = True
+    train: Callable[[DictConfig, Path], None] | None = None
 
     @property
     def train_tokens(self) -> np.ndarray:

@@ -136,6 +136,23 @@ def load_split(cfg: DictConfig) -> TokenSplit:
     )
 
 
+def teacher_env(cfg: DictConfig, split: TokenSplit, device: torch.device, progress: bool) -> TeacherEnv:
+    """What the run's teacher receives (``archlab.teacher.TeacherEnv``), its train service included."""
+
+    def train(teacher_cfg: DictConfig, run_dir: Path) -> None:
+        Trainer(teacher_cfg, RunInfo(run_dir=run_dir, name="teacher"), split=split).run()
+
+    return TeacherEnv(
+        split=split,
+        vocab_size=cfg.model.vocab_size,
+        context=cfg.model.context,
+        cache_dir=Path(cfg.data.cache_dir).expanduser() / "teachers",
+        device=device,
+        progress=progress,
+        train=train,
+    )
+
+
 def soft_targets_for(
     cfg: DictConfig, split: TokenSplit, device: torch.device, t: TrainerConfig, objective_cfg
 ) -> TargetCache | None:
@@ -144,14 +161,7 @@ def soft_targets_for(
         return None
     teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
     cache_dir = Path(cfg.data.cache_dir).expanduser()
-    env = TeacherEnv(
-        split=split,
-        vocab_size=cfg.model.vocab_size,
-        context=cfg.model.context,
-        cache_dir=cache_dir / "teachers",
-        device=device,
-        progress=t.progress,
-    )
+    env = teacher_env(cfg, split, device, t.progress)
     teacher = teacher_cls(teacher_cfg, env)
     if teacher.vocab_size != cfg.model.vocab_size:
         raise ConfigError(

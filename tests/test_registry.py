@@ -69,7 +69,8 @@ def test_baselines_come_from_archlab_entry_points() -> None:
             plugin = found[name]
             assert plugin.entry_point.group == f"archlab.{slot}"
             assert plugin.distribution == f"archlab {archlab.__version__}"
-            assert plugin.entry_point.value.startswith("archlab.baselines.")
+            package = "archlab.teachers." if slot == "teacher" else "archlab.baselines."
+            assert plugin.entry_point.value.startswith(package)
             assert plugin.error is None
             assert dataclasses.is_dataclass(plugin.load().Config)
 

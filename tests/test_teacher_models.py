@@ -15,7 +15,7 @@ from archlab.errors import ConfigError
 from archlab.loggers import RunInfo
 from archlab.model import build_student
 from archlab.teacher import TeacherEnv
-from archlab.trainer import Trainer, load_split, soft_targets_for
+from archlab.trainer import Trainer, load_split, soft_targets_for, teacher_env
 
 SMALL = [
     "model.d_model=32",
@@ -42,14 +42,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def env_for(cfg, cache_dir: Path) -> TeacherEnv:
-    return TeacherEnv(
-        split=load_split(cfg),
-        vocab_size=256,
-        context=32,
-        cache_dir=cache_dir / "teachers",
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    env = teacher_env(cfg, load_split(cfg), torch.device("cpu"), progress=False)
+    assert env.cache_dir == cache_dir / "teachers"
+    return env
 
 
 def test_trained_teacher_trains_once_then_is_found(cache_dir) -> None:

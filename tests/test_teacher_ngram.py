@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from archlab import registry
-from archlab.baselines.teacher_ngram import NGramTeacher
 from archlab.data import TokenSplit
 from archlab.errors import ConfigError
 from archlab.teacher import TeacherEnv
+from archlab.teachers.ngram import NGramTeacher
 
 
 def make_env(text: bytes, tmp_path: Path, vocab_size: int = 256) -> TeacherEnv:

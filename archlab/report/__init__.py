@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import itertools
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -25,137 +23,9 @@ from archlab.errors import ConfigError
 from archlab.report import calibration
 from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot
 from archlab.report.runs import Run, attach_density, load_ladder, load_runs
+from archlab.report.tables import fit_text, notes, table, varying_slots
 
 __all__ = ["Run", "load_runs", "write_report", "table", "notes", "main"]
-
-# (header, summary key) of the measured columns, in table order
-COLUMNS = (
-    ("params total", "params/total"),
-    ("params active", "params/active"),
-    ("N (non-emb)", "params/non_embedding"),
-    ("N active (non-emb)", "params/active_non_embedding"),
-    ("weight bytes (non-emb)", "weight_bytes/non_embedding"),
-    ("KV bytes/token", "kv_bytes_per_token"),
-    ("tokens/s", "tokens_per_s"),
-    ("val bpb", "val/bpb"),
-    ("KL teacher", "val/kl_teacher_student"),
-)
-
-
-def _num(v: float | None, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float) and math.isinf(v):
-        return "∞"
-    if abs(v) >= 1000 or float(v).is_integer():
-        return f"{v:,.0f}"
-    if abs(v) >= 100:
-        return f"{v:.1f}"
-    return f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.{digits}f}"
-
-
-def _size(v: float) -> str:
-    return "∞" if math.isinf(v) else "?" if math.isnan(v) else f"{v:.2e}"
-
-
-def varying_slots(runs: list[Run]) -> list[str]:
-    """Slots whose plugin differs between runs (each gets a column; the rest are common)."""
-    slots = sorted({s for r in runs for s in r.plugins})
-    return [s for s in slots if len({r.plugins.get(s) for r in runs}) > 1]
-
-
-def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows: plugin choices, sizes, costs, bpb, KL, N_eff [90% CI], ρ, flags."""
-    slots = varying_slots(runs)
-    header = [
-        "#",
-        "run",
-        *slots,
-        *(h for h, _ in COLUMNS),
-        "N_eff [90% CI]",
-        "ρ/param",
-        "ρ/active param",
-        "ρ/weight byte",
-        "flags",
-    ]
-    rows = []
-    for i, r in enumerate(runs):
-        d = r.density
-        flags = [f for f in ("extrapolated", "uncertain") if d.get(f"density/{f}")]
-        if r.error:
-            flags.append("no N_eff: loss ≤ E")
-        n_eff = (
-            f"{_size(d['density/n_eff'])} [{_size(d['density/n_eff_lo'])}, {_size(d['density/n_eff_hi'])}]"
-            if d
-            else "–"
-        )
-        rows.append(
-            [
-                str(i),
-                r.name,
-                *(r.plugins.get(s, "–") for s in slots),
-                *(_num(r.summary.get(k)) for _, k in COLUMNS),
-                n_eff,
-                *(
-                    _num(d.get(k), 3) if d else "–"
-                    for k in ("density/per_param", "density/per_active_param", "density/per_weight_byte")
-                ),
-                ", ".join(flags),
-            ]
-        )
-    return header, rows
-
-
-def notes(runs: list[Run], fit: LadderFit | None) -> list[str]:
-    """Everything that limits how far the numbers can be trusted."""
-    out = []
-    if fit is None:
-        out.append("no ladder given (--ladder): no effective sizes or densities, only bpb vs parameters")
-        return out
-    out += [f"ladder fit: {w}" for w in fit.warnings()]
-    for i, r in enumerate(runs):
-        if r.error:
-            out.append(f"#{i} {r.name}: {r.error}")
-        elif r.density.get("density/extrapolated"):
-            where = "below the ladder's best" if r.bpb < fit.loss_range[0] else "above the ladder's worst"
-            out.append(
-                f"#{i} {r.name}: bpb {r.bpb:.4f} is {where} loss "
-                f"({fit.loss_range[0]:.4f}-{fit.loss_range[1]:.4f}): N_eff is extrapolated"
-            )
-        if r.density.get("density/uncertain"):
-            lo, hi = r.density["density/n_eff_lo"], r.density["density/n_eff_hi"]
-            spread = (
-                "is unknown (see the ladder fit)"
-                if math.isnan(lo)
-                else f"[{lo:.3g}, {hi:.3g}] spans more than a factor 2"
-            )
-            out.append(f"#{i} {r.name}: N_eff's 90% interval {spread}")
-        if r.density and "weight_bytes/non_embedding" not in r.summary:
-            out.append(f"#{i} {r.name}: no weight_bytes/non_embedding in its summary: no density per byte")
-    noise = 2 * fit.residual_rms
-    close = [
-        (i, j) for (i, a), (j, b) in itertools.combinations(enumerate(runs), 2) if abs(a.bpb - b.bpb) < noise
-    ]
-    if close:
-        pairs = ", ".join(f"#{i}/#{j}" for i, j in close[:10]) + (" ..." if len(close) > 10 else "")
-        out.append(
-            f"{len(close)} pair(s) of runs differ in bpb by less than twice the fit's residual RMS "
-            f"({noise:.4f} bpb), so their densities are not distinguishable: {pairs}"
-        )
-    return out
-
-
-def _fit_text(fit: LadderFit | None) -> str:
-    if fit is None:
-        return "No reference ladder."
-    sizes = len({n for n, _ in fit.points})
-    return (
-        f"Ladder: {len(fit.points)} runs at {sizes} sizes, N = {fit.n_range[0]:.3g}-{fit.n_range[1]:.3g} "
-        f"non-embedding parameters, bpb {fit.loss_range[0]:.4f}-{fit.loss_range[1]:.4f}. "
-        f"Fit L(N) = E + A·N^(−α): E = {fit.E:.4f}, A = {fit.A:.4g}, α = {fit.alpha:.4f} "
-        f"(residual RMS {fit.residual_rms:.4f} bpb, {len(fit.boot)} bootstrap refits). "
-        "N_eff = (A / (L − E))^(1/α); ρ = N_eff / N."
-    )
 
 
 def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, common, study) -> str:
@@ -166,7 +36,7 @@ def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, co
         md += [calibration.HOW_TO_READ, "", "## Verdicts", ""]
         md += ["| " + " | ".join(s_header) + " |", "|" + "---|" * len(s_header)]
         md += ["| " + " | ".join(row) + " |" for row in s_rows] + [""]
-    md += ["## Ladder", "", _fit_text(fit), ""]
+    md += ["## Ladder", "", fit_text(fit), ""]
     md += ["## Notes", "", *(f"- {n}" for n in note_lines or ["none"]), ""]
     md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in figures), ""]
     md += ["## Runs", "", f"Common to all runs: {common or '–'}", ""]
@@ -212,7 +82,7 @@ def _html(title, fit, runs, figures, run_plots, header, rows, note_lines, common
         out += [*(f"<li>{e(line)}</li>" for line in lines[1:]), f"</ul><p>{e(calibration.HOW_TO_READ)}</p>"]
         out += ["<h2>Verdicts</h2>", *_html_table(*calibration.rows(study))]
     out += [
-        f"<h2>Ladder</h2><p>{e(_fit_text(fit))}</p><h2>Notes</h2><ul>",
+        f"<h2>Ladder</h2><p>{e(fit_text(fit))}</p><h2>Notes</h2><ul>",
         *(f"<li>{e(n)}</li>" for n in note_lines or ["none"]),
         "</ul><h2>Plots</h2>",
         *(f"<p>{_img(p)}</p>" for p in figures),

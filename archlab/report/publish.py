@@ -15,8 +15,9 @@ import os
 from urllib.parse import urlparse
 
 from archlab.density import LadderFit
-from archlab.report import _fit_text, calibration, notes, table
+from archlab.report import calibration
 from archlab.report.runs import Run
+from archlab.report.tables import fit_text, notes, table
 
 DEFAULT_PROJECT = "archlab"
 
@@ -109,7 +110,7 @@ def build_wandb_report(
     note_lines = notes(runs, fit)
     blocks = [] if study is None else _study_blocks(wr, study)
     blocks += [
-        wr.P(_fit_text(fit)),
+        wr.P(fit_text(fit)),
         wr.H2("Notes"),
         wr.MarkdownBlock("\n".join(f"- {n}" for n in note_lines) or "none"),
         wr.PanelGrid(runsets=[runset], panels=panels),

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from archlab import checkpoint
 from archlab.checkpoint import load_student
-from archlab.errors import ConfigError
+from archlab.errors import ArchlabError, ConfigError
 from archlab.teacher import TeacherEnv, student_log_probs
 
 #: The default teacher: 2.7 M non-embedding parameters (3.3x the tiny student), trained for 450 steps.
@@ -80,9 +80,6 @@ class TrainedTeacher:
 
     def prepare(self) -> None:
         """Train the teacher unless its final checkpoint is cached (under a lock), then load it."""
-        from archlab.loggers import RunInfo
-        from archlab.trainer import Trainer
-
         if self.model is not None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,8 +87,9 @@ class TrainedTeacher:
         with FileLock(str(self.run_dir) + ".lock"):
             last = checkpoint.latest(self.run_dir)
             if last is None or not last.name.endswith(f"{max_steps:08d}"):
-                info = RunInfo(run_dir=self.run_dir, name="teacher")
-                Trainer(self.config, info, split=self.env.split).run()
+                if self.env.train is None:
+                    raise ArchlabError("teacher=trained needs the train service of its TeacherEnv")
+                self.env.train(self.config, self.run_dir)
             self.model = load_student(checkpoint.latest(self.run_dir), self.env.device)
 
     def log_probs(self, tokens: Tensor) -> Tensor:
