@@ -13,7 +13,7 @@ What is here, by use:
 - **Building blocks**: ``RMSNorm``; ``LMHead`` (the baseline head, to wrap); rotary tables
   ``rope_tables`` / ``apply_rotary`` / ``rotate_half``; ``causal_mask`` (bottom-right aligned);
   ``RESIDUAL_OUTPUT_ROLES`` (linear roles initialised as residual outputs).
-- **Distillation maths** on cached top-k teacher targets: ``bucketed`` (the student's
+- **Distillation maths** on cached top-k teacher targets (``SoftTargets``): ``bucketed`` (the student's
   distribution on the teacher's top-k plus one "rest" bucket) and ``kl``.
 - **Diagnostics**: ``DepthWeights``, what a residual plugin's ``depth_weights()`` returns.
 - **Errors**: ``ConfigError(key, value, allowed)`` for a config value that is not allowed,
@@ -41,6 +41,7 @@ from archlab.registry import plugins as installed_plugins
 from archlab.slots import (
     ActiveParams,
     AttentionFlops,
+    AuxLoss,
     BringsTokenizer,
     DeclaresCausality,
     DepthWeightsReport,
@@ -57,12 +58,14 @@ from archlab.slots import (
     WeightBytes,
     offers,
 )
+from archlab.soft_targets import SoftTargets
 
 API_VERSION = 1
 
 __all__ = [
     "API_VERSION",
     "ActiveParams",
+    "AuxLoss",
     "AttentionFlops",
     "BringsTokenizer",
     "DeclaresCausality",
@@ -89,6 +92,7 @@ __all__ = [
     "ModelDims",
     "PluginError",
     "RMSNorm",
+    "SoftTargets",
     "apply_rotary",
     "bucketed",
     "causal_mask",

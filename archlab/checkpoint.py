@@ -194,10 +194,10 @@ def config_enums() -> list[type[Enum]]:
     """The enums of archlab's and the installed plugins' configs (their defaults' types): checkpoints
     written before configs were stored with enums as strings hold them, and rebuilding an enum member
     from its value runs no other code."""
-    from archlab import config, registry
+    from archlab import config, registry, slots
 
     found = {config.LoggerBackend, config.Precision, config.Schedule}
-    for slot in registry.SLOTS + registry.PART_SLOTS:
+    for slot in slots.names():
         for plugin in registry.loadable(slot).values():
             defaults = [getattr(plugin.Config, f.name, None) for f in dataclasses.fields(plugin.Config)]
             found.update(type(value) for value in defaults if isinstance(value, Enum))
@@ -232,10 +232,10 @@ def saved_config(ckpt: Path):
     from omegaconf import OmegaConf
 
     from archlab.config import compose
-    from archlab.registry import MODEL_SLOTS
+    from archlab.slots import names
 
     saved = OmegaConf.create(read_state(ckpt)["config"])
-    missing = [slot for slot in MODEL_SLOTS if slot not in saved]
+    missing = [slot for slot in names("sublayer", "model") if slot not in saved]
     if missing:
         baseline = compose([])
         for slot in missing:

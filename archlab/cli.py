@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from archlab import __version__, registry
+from archlab import __version__, registry, slots
 from archlab.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArchlabError, ConfigError
 
 log = logging.getLogger("archlab")
@@ -248,7 +248,7 @@ def plugins(args: list[str]) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if any plugin is broken")
     opts = parser.parse_args(args)
     broken = 0
-    for slot in registry.SLOTS + registry.PART_SLOTS:
+    for slot in slots.names():
         found = registry.plugins(slot)
         print(f"{slot}:" + ("" if found else " (none installed)"))
         for name, plugin in sorted(found.items()):
@@ -258,6 +258,9 @@ def plugins(args: list[str]) -> int:
             print(f"  {name:<12} {plugin.distribution:<24} {status}")
             if error is None:
                 print(f"  {'':<12} {_fields(plugin.load())}")
+                offered = [c.name for c in slots.CAPABILITIES if slots.offers(plugin.load(), c.protocol)]
+                if offered:
+                    print(f"  {'':<12} offers {', '.join(offered)}")
     for path in registry.preset_paths():
         print(f"presets: {path}")
     if opts.check and broken:

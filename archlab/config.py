@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from archlab import registry
+from archlab import registry, slots
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
 from archlab.model import dims_from, linear_factory, slot_choices
@@ -175,7 +175,7 @@ def register_configs() -> None:
     cs.store(group="teacher", name="none", node=NoTeacher, provider="archlab")
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
     cs.store(group="logger", name="none", node=LoggerConfig(backend=LoggerBackend.none), provider="archlab")
-    for slot in registry.SLOTS:
+    for slot in slots.names("sublayer", "model", "pipeline"):
         for name, plugin in registry.loadable(slot).items():
             provider = registry.plugins(slot)[name].distribution
             cs.store(group=slot, name=name, node=node_class(slot, name, plugin), provider=provider)

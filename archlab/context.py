@@ -97,9 +97,8 @@ class ForwardContext:
     ``attn_mask`` (t, s) bool, True = may attend, is set only to verify a token tree
     (``archlab.speculative``): ``attend`` then already applies it instead of the causal
     mask, and a plugin that computes attention itself must use it and declare
-    ``supports_tree_mask = True``. ``targets`` (b, t) next-token labels and ``soft``
-    (the teacher's ``SoftTargets``) are set by the trainer, for plugins whose auxiliary
-    losses need labels (e.g. extra prediction heads). ``tokens`` are the input ids (b, t)
+    ``supports_tree_mask = True``. A loss that needs the labels is the ``AuxLoss``
+    capability (``archlab.slots``), not a field here. ``tokens`` are the input ids (b, t)
     of this forward (the new ones only, with a cache). ``value_lambdas`` holds the
     student's value-residual weights, None when that option is off (attention plugins opt
     in by calling ``value_residual``). ``layer`` is the index of the transformer layer whose
@@ -114,14 +113,22 @@ class ForwardContext:
     attend: Callable[[Tensor, Tensor, Tensor], Tensor]
     cache: KVCache | None = None
     attn_mask: Tensor | None = None
-    targets: Tensor | None = None
-    soft: object | None = None  # archlab.soft_targets.SoftTargets (not imported: it imports data)
     tokens: Tensor | None = None
     value_lambdas: Sequence[Tensor] | None = None
     layer: int = 0
     losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
     _metrics: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
     _first_values: Tensor | None = None
+
+    @property
+    def targets(self) -> None:
+        """Gone in API 1: the labels reach a plugin through the ``AuxLoss`` capability."""
+        raise AttributeError(
+            "ctx.targets and ctx.soft are gone (archlab API 1): offer "
+            "aux_loss(ctx, targets, soft) instead (archlab.api.AuxLoss, docs/plugins.md)"
+        )
+
+    soft = targets
 
     def add_loss(self, name: str, value: Tensor, weight: float = 1.0) -> None:
         if name in self.losses:

@@ -14,7 +14,7 @@ from torch import Tensor
 from archlab.context import KVCache
 from archlab.errors import ArchlabError
 from archlab.model import Student
-from archlab.slots import SupportsKVCache, is_causal, offers
+from archlab.slots import SupportsKVCache, is_causal, offers, slot
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -41,9 +41,9 @@ def next_token(
 
 
 def supports_kv_cache(model: Student) -> bool:
-    """Whether every sublayer that mixes tokens (attention, memory) keeps its state in the KV cache."""
-    slots = [name.rsplit(".", 1)[-1] for name in model.sublayer_names]  # "L<layer>.<slot>"
-    mixing = [m for m, slot in zip(model.sublayers, slots, strict=True) if slot in ("attention", "memory")]
+    """Whether every sublayer of a slot that mixes tokens (attention, memory) caches its state."""
+    names = [name.rsplit(".", 1)[-1] for name in model.sublayer_names]  # "L<layer>.<slot>"
+    mixing = [m for m, name in zip(model.sublayers, names, strict=True) if slot(name).mixes_tokens]
     return all(offers(m, SupportsKVCache) for m in mixing)
 
 

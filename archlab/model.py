@@ -22,16 +22,14 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from archlab import registry
+from archlab import registry, slots
 from archlab.baselines.linear import DenseLinear
 from archlab.context import ForwardContext, KVCache, ModelDims, positions_for
 from archlab.contracts import check_forward, construct, note_where
 from archlab.errors import ConfigError
 from archlab.kernels import Kernel
-from archlab.slots import NormalizesInput, SupportsValueResidual, ValidatesConfig, offering, offers
+from archlab.slots import AuxLoss, NormalizesInput, SupportsValueResidual, ValidatesConfig, offering, offers
 
-#: Sublayer slots of one transformer layer, in order.
-LAYER_SLOTS = ("attention", "ffn")
 #: Roles whose projection writes into the residual stream; their init is scaled by 1/sqrt(2L).
 RESIDUAL_OUTPUT_ROLES = ("out", "down")
 #: Roles that stay full precision (the ``dense`` linear) unless ``model.linear_overrides`` names them, so
@@ -106,9 +104,8 @@ class Student(nn.Module):
         self.norms = nn.ModuleList()
         self.sublayer_names: list[str] = []  # "L<layer>.<slot>": residual plugins and plots label by them
         self.sublayer_layers: list[int] = []  # the transformer layer of each sublayer (ctx.layer)
-        memory_layers = choices["memory"].cfg.layers  # a memory sublayer precedes these layers' attention
         for layer in range(dims.n_layers):
-            for slot in ("memory",) * (layer in memory_layers) + LAYER_SLOTS:
+            for slot in sublayer_slots(choices, layer):
                 self.sublayers.append(
                     construct(slot, choices[slot].cls, choices[slot].cfg, dims, linear=linear)
                 )
@@ -133,6 +130,12 @@ class Student(nn.Module):
         self.value_residual = value_residual
         n_lambdas = dims.n_layers - 1 if value_residual else 0
         self.value_lambdas = nn.ParameterList(nn.Parameter(torch.full((2,), 0.5)) for _ in range(n_lambdas))
+        self.aux_modules = tuple(offering(self.modules(), AuxLoss))  # not registered twice: a tuple
+
+    def aux_losses(self, ctx: ForwardContext, targets: Tensor, soft: object | None = None) -> None:
+        """After a forward of a labelled batch: every ``AuxLoss`` module reports into ``ctx``."""
+        for module in self.aux_modules:
+            module.aux_loss(ctx, targets, soft)
 
     def new_context(self, tokens: Tensor, cache: KVCache | None = None) -> ForwardContext:
         offset = cache.offset if cache is not None else 0
@@ -175,6 +178,16 @@ class Student(nn.Module):
             raise
 
 
+def sublayer_slots(choices: dict[str, Choice], layer: int) -> list[str]:
+    """The sublayer slots of transformer layer ``layer``, in order (``archlab.slots.SLOTS``): those in
+    every layer, and those whose plugin lists ``layer`` in its ``Config.layers`` (memory)."""
+    return [
+        s.name
+        for s in slots.SLOTS
+        if s.kind == "sublayer" and (s.in_layers == "every" or layer in choices[s.name].cfg.layers)
+    ]
+
+
 def dims_from(cfg: DictConfig) -> ModelDims:
     m = cfg.model
     return ModelDims(m.d_model, m.n_layers, m.n_heads, m.context, m.vocab_size)
@@ -185,13 +198,14 @@ def slot_choices(cfg: DictConfig) -> dict[str, Choice]:
     dims = dims_from(cfg)
     dims.validate()
     choices = {}
-    for slot in registry.MODEL_SLOTS:
+    for slot in slots.names("sublayer", "model"):
         choices[slot] = Choice(*registry.configured(slot, cfg[slot]))
         if offers(choices[slot].cfg, ValidatesConfig):
             choices[slot].cfg.validate(dims)
-    layers = choices["memory"].cfg.layers
-    if len(set(layers)) < len(layers) or not all(0 <= i < dims.n_layers for i in layers):
-        raise ConfigError("memory.layers", layers, f"distinct layer indices in [0, {dims.n_layers})")
+    for listed in (s.name for s in slots.SLOTS if s.kind == "sublayer" and s.in_layers == "listed"):
+        layers = choices[listed].cfg.layers
+        if len(set(layers)) < len(layers) or not all(0 <= i < dims.n_layers for i in layers):
+            raise ConfigError(f"{listed}.layers", layers, f"distinct layer indices in [0, {dims.n_layers})")
     if cfg.model.get("value_residual", False) and not offers(choices["attention"].cls, SupportsValueResidual):
         raise ConfigError(
             "model.value_residual",

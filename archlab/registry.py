@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -21,16 +22,30 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from archlab import slots
 from archlab.errors import ConfigError, PluginError
 
-#: Slots of the student model, in the order the CLI lists them.
-MODEL_SLOTS = ("attention", "ffn", "memory", "residual", "linear", "norm", "position", "head")
-#: Slots of the pipeline around the student.
-PIPELINE_SLOTS = ("corpus", "teacher", "objective")
-SLOTS = MODEL_SLOTS + PIPELINE_SLOTS
-#: Parts that a plugin composes from its own config (an MoE layer's router): discovered the
-#: same way, but chosen by a field of that plugin's config rather than a Hydra group.
-PART_SLOTS = ("router",)
+#: Names moved to ``archlab.slots`` (kinds of slot there): still importable, with a warning, for one release.
+_MOVED = {
+    "MODEL_SLOTS": ("sublayer", "model"),
+    "PIPELINE_SLOTS": ("pipeline",),
+    "SLOTS": ("sublayer", "model", "pipeline"),
+    "PART_SLOTS": ("part",),
+}
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name in _MOVED:
+        kinds = ", ".join(repr(k) for k in _MOVED[name])
+        warnings.warn(
+            f"archlab.registry.{name} is deprecated: use archlab.slots.names({kinds})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return slots.names(*_MOVED[name])
+    raise AttributeError(f"module 'archlab.registry' has no attribute {name!r}")
+
+
 #: Entry-point group through which a distribution adds Hydra presets (``pkg://`` paths).
 PRESETS_GROUP = "archlab.presets"
 
@@ -109,8 +124,8 @@ def strict() -> bool:
 @cache
 def plugins(slot: str) -> dict[str, Plugin]:
     """All plugins announced for ``slot``, by name (not yet imported)."""
-    if slot not in SLOTS + PART_SLOTS:
-        raise ConfigError(slot, "?", f"one of the slots {', '.join(SLOTS + PART_SLOTS)}")
+    if slot not in slots.names():
+        raise ConfigError(slot, "?", f"one of the slots {', '.join(slots.names())}")
     found: dict[str, Plugin] = {}
     for ep in entry_points(group=f"archlab.{slot}"):
         plugin = Plugin(slot, ep.name, ep)

@@ -1,5 +1,9 @@
-"""The optional capabilities a plugin may offer, declared once: what each is, which slots offer it,
-and what the core does with it.
+"""Every slot and every optional capability, declared once.
+
+``SLOTS`` is the table of slots: name, kind, how a plugin is built and called, its baseline. The
+registry (entry-point groups), the config (Hydra groups), the model builder (sublayers), ``archlab
+plugins``, the conformance suite and ``docs/plugins.md`` all read it, so a new *sublayer* slot is its
+row here, its baseline plugin and its ``conf/config.yaml`` default.
 
 Each capability is a runtime-checkable ``typing.Protocol`` (for type checkers and plugin
 authors) plus one row of ``CAPABILITIES``; core code asks ``offers(module, SupportsKVCache)``
@@ -15,6 +19,121 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+
+#: Kinds of slot: a sublayer of every (or some) transformer layer, pre-normed and written back
+#: through the residual plugin; another part of the student; a stage of the pipeline around it;
+#: a part a plugin composes from its own config (an MoE layer's router: no Hydra group).
+KINDS = ("sublayer", "model", "pipeline", "part")
+SUBLAYER_BUILT, SUBLAYER_CALLED = "`cls(cfg, dims, *, linear)`", "`forward(x: (b,t,d), ctx) -> (b,t,d)`"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One row of the slot table. Plugins of slot ``name`` are entry points of group ``archlab.<name>``,
+    chosen by the Hydra group ``<name>`` (part slots: by a field of the plugin that uses them)."""
+
+    name: str
+    kind: str
+    built_as: str
+    called_as: str
+    baseline: str  # the default plugin, shipped with archlab ("" for a part slot: its user picks)
+    in_layers: str = "every"  # sublayer slots: in "every" layer, or the "listed" ``Config.layers``
+    mixes_tokens: bool = False  # sublayer slots: reads other positions (decoding caches its state)
+
+    @property
+    def group(self) -> str:
+        return f"archlab.{self.name}"
+
+
+#: Listing order; sublayer slots run in this order inside each layer (memory, then attention, then ffn).
+SLOTS: tuple[Slot, ...] = (
+    Slot(
+        "memory",
+        "sublayer",
+        SUBLAYER_BUILT + "; `Config.layers: list[int]`",
+        SUBLAYER_CALLED,
+        "none",
+        in_layers="listed",
+        mixes_tokens=True,
+    ),
+    Slot("attention", "sublayer", SUBLAYER_BUILT, SUBLAYER_CALLED, "mha", mixes_tokens=True),
+    Slot("ffn", "sublayer", SUBLAYER_BUILT, SUBLAYER_CALLED, "mlp"),
+    Slot(
+        "residual",
+        "model",
+        "`cls(cfg, dims, *, n_sublayers, sublayer_names)`",
+        "`begin(x0)`, `read(state, i)`, `write(state, i, y)`, `final(state)`",
+        "prenorm",
+    ),
+    Slot(
+        "linear",
+        "model",
+        "`cls(cfg, in_features, out_features, *, bias, init_std, role)`",
+        "`forward(x)`",
+        "dense",
+    ),
+    Slot("norm", "model", "`cls(cfg, dim)`", "`forward(x)`", "rmsnorm"),
+    Slot("position", "model", "`cls(cfg, dims)`", "`rotate(x: (b,h,t,k), positions: (t,))`", "rope"),
+    Slot(
+        "head",
+        "model",
+        "`cls(cfg, dims, *, embedding, linear)`",
+        "`forward(h: (b,t,d), ctx) -> (b,t,vocab)`",
+        "lm",
+    ),
+    Slot(
+        "corpus",
+        "pipeline",
+        "`cls(cfg)`",
+        "`documents() -> Iterator[(id, bytes)]`, `describe() -> str`",
+        "stdlib",
+    ),
+    Slot(
+        "teacher",
+        "pipeline",
+        "`cls(cfg, env: TeacherEnv)`",
+        "`vocab_size`, `identity() -> dict`, `prepare()`, `log_probs(tokens: (b,t)) -> (b,t,V)`",
+        "ngram",
+    ),
+    Slot(
+        "objective",
+        "pipeline",
+        "`cls(cfg)`; class attribute `needs_teacher`",
+        "`__call__(logits, targets, teacher: SoftTargets or None, mask=None) -> scalar`",
+        "kd",
+    ),
+    Slot(
+        "router", "part", "`cls(cfg, *, d_model, n_experts, linear)`", "`forward(x: (b,t,d)) -> Routing`", ""
+    ),
+)
+
+
+def names(*kinds: str) -> tuple[str, ...]:
+    """Names of the slots of ``kinds`` (all kinds when none is given), in table order."""
+    return tuple(s.name for s in SLOTS if not kinds or s.kind in kinds)
+
+
+def slot(name: str) -> Slot:
+    """The slot called ``name``."""
+    for s in SLOTS:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
+def slot_table() -> str:
+    """``SLOTS`` as the Markdown table ``docs/plugins.md`` carries (a test keeps them equal)."""
+    rows = [
+        "| slot | kind | entry-point group | built as | called as | baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in SLOTS:
+        placed = " (in `Config.layers`)" if s.in_layers == "listed" else ""
+        baseline = f"`{s.baseline}`" if s.baseline else "–"
+        rows.append(
+            f"| {s.name} | {s.kind}{placed} | `{s.group}` | {s.built_as} | {s.called_as} | {baseline} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 @runtime_checkable
@@ -121,6 +240,15 @@ class DraftHeads(Protocol):
 
 
 @runtime_checkable
+class AuxLoss(Protocol):
+    """An auxiliary loss on labelled batches: after the forward of a training or validation batch the
+    trainer calls ``aux_loss(ctx, targets, soft)`` (labels (b, t), the teacher's ``SoftTargets`` or
+    None) and the module reports through ``ctx.add_loss`` / ``ctx.add_metric`` (Medusa's heads)."""
+
+    def aux_loss(self, ctx: Any, targets: Tensor, soft: Any) -> None: ...
+
+
+@runtime_checkable
 class DeclaresCausality(Protocol):
     """``is_causal = False`` marks a module that reads later tokens (expert-choice routing):
     ``generate`` and the causality check refuse it."""
@@ -181,6 +309,7 @@ CAPABILITIES = (
     Capability(StepEndHook, "`on_step_end()`", ("any module",)),
     Capability(DepthWeightsReport, "`depth_weights()`", ("residual",)),
     Capability(DraftHeads, "`num_draft_heads: int`, `draft_logits(h)`", ("head",)),
+    Capability(AuxLoss, "`aux_loss(ctx, targets, soft)`", ("any module",)),
     Capability(DeclaresCausality, "`is_causal = False`", ("any module",)),
     Capability(BringsTokenizer, "`tokenizer(cfg)` (class method)", ("teacher",)),
     Capability(ValidatesConfig, "`validate(dims)`", ("any plugin's Config",)),

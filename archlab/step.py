@@ -60,8 +60,9 @@ class OptimizerStep:
         for batch in batches:
             with self.autocast():
                 ctx = self.model.new_context(batch.x)
-                ctx.targets, ctx.soft = batch.y, batch.soft
-                loss = self.objective(self.model(batch.x, ctx), batch.y, batch.soft)
+                logits = self.model(batch.x, ctx)
+                self.model.aux_losses(ctx, batch.y, batch.soft)
+                loss = self.objective(logits, batch.y, batch.soft)
                 total = ctx.add_aux_losses(loss)
             (total / len(batches)).backward()
             for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():

@@ -312,8 +312,8 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 ctx = self.model.new_context(x)
-                ctx.targets = y
                 logits = self.model(x, ctx).float()
+                self.model.aux_losses(ctx, y)
             for name, value in ctx.metrics.items():
                 sums[name] += value * y.numel()
             sums["nats"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))

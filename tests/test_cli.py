@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import archlab
-from archlab import registry
+from archlab import slots
 
 BROKEN_AND_FINE = {
     "clibroken_pkg/__init__.py": "",
@@ -89,7 +89,11 @@ def listed(stdout: str) -> dict[str, dict[str, re.Match]]:
     out: dict[str, dict[str, re.Match]] = {}
     slot = None
     for line in stdout.splitlines():
-        if line and not line.startswith(" ") and line.split(":")[0] in registry.SLOTS:
+        if (
+            line
+            and not line.startswith(" ")
+            and line.split(":")[0] in slots.names("sublayer", "model", "pipeline")
+        ):
             slot = line.split(":")[0]
             out[slot] = {}
         elif slot and (m := LISTING.match(line)):
@@ -151,7 +155,7 @@ def test_plugins_lists_every_slot_with_its_distribution(run_cli) -> None:
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
     found = listed(result.stdout)
-    assert list(found) == list(registry.SLOTS)
+    assert list(found) == list(slots.names("sublayer", "model", "pipeline"))
     for slot, names in {
         "attention": ["mha"],
         "ffn": ["mlp"],

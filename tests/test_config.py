@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
-from archlab import registry
+from archlab import registry, slots
 from archlab.baselines.ffn import Activation
 from archlab.config import register_configs, validate
 from archlab.errors import ConfigError
@@ -86,8 +86,8 @@ def composition_error(compose_cfg: Compose, *overrides: str) -> str:
 
 def test_default_composition_names_a_plugin_for_every_model_slot(compose_cfg) -> None:
     cfg = compose_cfg()
-    assert set(registry.MODEL_SLOTS) == set(DEFAULT_PLUGINS)
-    for slot in registry.MODEL_SLOTS:
+    assert set(slots.names("sublayer", "model")) == set(DEFAULT_PLUGINS)
+    for slot in slots.names("sublayer", "model"):
         assert cfg[slot].plugin == DEFAULT_PLUGINS[slot], slot
     assert cfg.corpus.plugin == "stdlib"
     assert cfg.objective.plugin == "kd" and cfg.teacher.plugin == "ngram"  # the main job distils

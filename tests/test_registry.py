@@ -233,7 +233,7 @@ def test_get_unknown_name_lists_the_available_names() -> None:
 
 
 def test_unknown_slot_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="one of the slots attention, ffn"):
+    with pytest.raises(ConfigError, match="one of the slots memory, attention, ffn"):
         registry.plugins("attentoin")
 
 

@@ -27,7 +27,7 @@ from archlab.errors import ArchlabError
 from archlab.generate import generate, supports_kv_cache
 from archlab.metrics import model_metrics
 from archlab.model import Student, build_student
-from archlab.slots import ActiveParams, KVCacheAccounting, is_causal, offering, offers
+from archlab.slots import ActiveParams, KVCacheAccounting, is_causal, offering, offers, slot
 
 #: The tiny student every check builds (seconds on a CPU).
 TINY = ("model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.context=32")
@@ -75,8 +75,8 @@ def tokens(seed: int = 0, batch: int = BATCH, length: int = TOKENS) -> Tensor:
 def loss_of(model: Student, x: Tensor) -> Tensor:
     """Next-token cross-entropy plus every auxiliary loss the plugins report, as the trainer adds them."""
     ctx = model.new_context(x[:, :-1])
-    ctx.targets = x[:, 1:]  # as the trainer sets them, for plugins whose auxiliary losses need labels
     logits = model(x[:, :-1], ctx)
+    model.aux_losses(ctx, x[:, 1:])  # as the trainer does, for AuxLoss plugins
     ce = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
     return ctx.add_aux_losses(ce)
 
@@ -134,8 +134,8 @@ def check_config_roundtrip(case: Case) -> None:
 def check_builds_from_default_config(case: Case) -> None:
     # The plugin builds inside a student from its default config and is really part of it.
     model = case.build()
-    if case.slot == "memory" and not case.instances(model):
-        return  # a memory plugin may be placed in no layer by default
+    if slot(case.slot).in_layers == "listed" and not case.instances(model):
+        return  # a plugin of a slot placed by Config.layers (memory) may sit in no layer by default
     assert case.instances(model), (
         f"the student built with {case.label} holds no {case.plugin().__qualname__} module"
     )

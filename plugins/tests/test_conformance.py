@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from archlab import registry
+from archlab import registry, slots
 from archlab.testing import Case
 from archlab.testing.checks import check_compiles
 from archlab.testing.suite import conformance_params, run_check
@@ -22,7 +22,7 @@ EXPECTED_FAILURES: dict[tuple[str, str], dict[str, str]] = {}
 
 def first_party_cases() -> list[Case]:
     cases = []
-    for slot in registry.MODEL_SLOTS:
+    for slot in slots.names("sublayer", "model"):
         for name, plugin in sorted(registry.plugins(slot).items()):
             dist = plugin.entry_point.dist
             if dist is not None and dist.name in FIRST_PARTY:
@@ -46,7 +46,7 @@ def test_conformance(case: Case, check) -> None:
 
 def test_every_model_slot_has_a_first_party_plugin() -> None:
     covered = {case.slot for case in first_party_cases()}
-    assert covered == set(registry.MODEL_SLOTS)
+    assert covered == set(slots.names("sublayer", "model"))
 
 
 @pytest.mark.slow

@@ -89,11 +89,11 @@ def test_head_i_pairs_logits_at_t_with_token_t_plus_2_plus_i() -> None:
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     ctx = model.new_context(x)
-    ctx.targets = y
     hidden = []
     hook = model.final_norm.register_forward_hook(lambda _m, _i, out: hidden.append(out))
     model(x, ctx)
     hook.remove()
+    model.aux_losses(ctx, y)
     value, weight = ctx.losses["medusa"]
     drafts = model.head.draft_logits(hidden[0]).detach()
     assert weight == 0.5
@@ -109,11 +109,11 @@ def test_distilled_head_loss_is_kl_to_the_teacher_at_the_same_token() -> None:
     x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     teacher = torch.randn(1, 8, 256).log_softmax(-1)  # teacher[t] is the distribution of x_{t+1}
     ctx = model.new_context(x)
-    ctx.targets, ctx.soft = x, SoftTargets.from_logprobs(teacher, 256)  # complete: k = V
     hidden = []
     hook = model.final_norm.register_forward_hook(lambda _m, _i, out: hidden.append(out))
     model(x, ctx)
     hook.remove()
+    model.aux_losses(ctx, x, SoftTargets.from_logprobs(teacher, 256))  # complete: k = V
     drafts = model.head.draft_logits(hidden[0]).detach().double()
     expected = 0.0
     for k in (1, 2):  # head k at t predicts x_{t+k+1}, whose teacher distribution is teacher[t + k]

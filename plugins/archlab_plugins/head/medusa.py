@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.api import ConfigError, ForwardContext, LMHead, ModelDims, bucketed, kl
+from archlab.api import ConfigError, ForwardContext, LMHead, ModelDims, SoftTargets, bucketed, kl
 
 PROJECTIONS = ("shared", "own")
 
@@ -83,6 +83,7 @@ class MedusaHead(nn.Module):
 
     def __init__(self, cfg: Config, dims: ModelDims, *, embedding: nn.Embedding, linear) -> None:
         super().__init__()
+        self._h: Tensor | None = None  # the last forward's input, for aux_loss
         self.num_draft_heads, self.decay = cfg.num_heads, cfg.decay
         self.loss_weight, self.distill = cfg.loss_weight, cfg.distill
         self.lm = LMHead(LMHead.Config(tied=cfg.tied), dims, embedding=embedding, linear=linear)
@@ -121,18 +122,18 @@ class MedusaHead(nn.Module):
         return torch.stack(drafts, dim=2)
 
     def forward(self, h: Tensor, ctx: ForwardContext) -> Tensor:
-        """h: (b, t, d) -> logits (b, t, V); with ``ctx.targets`` also the heads' loss and accuracy."""
-        if ctx.targets is not None:
-            self.report(self.draft_logits(h), ctx)
+        """h: (b, t, d) -> logits (b, t, V); ``h`` is kept for ``aux_loss`` on a labelled batch."""
+        self._h = h
         return self.lm(h, ctx)
 
-    def report(self, drafts: Tensor, ctx: ForwardContext) -> None:
-        """λ_0 · Σ_k decay^k · L_k into ``ctx`` as aux loss ``medusa``; per head its loss and top-1."""
-        labels, total = ctx.targets, drafts.new_zeros(())
+    def aux_loss(self, ctx: ForwardContext, labels: Tensor, soft: SoftTargets | None) -> None:
+        """λ_0 · Σ_k decay^k · L_k into ``ctx`` as aux loss ``medusa``; per head its loss and top-1
+        (the ``AuxLoss`` capability: called after the forward of a labelled batch)."""
+        drafts, self._h = self.draft_logits(self._h), None
+        total = drafts.new_zeros(())
         for k in range(1, min(self.num_draft_heads, labels.shape[1] - 1) + 1):
             z, y = shifted(drafts[:, :, k - 1].float(), labels, k)
-            if self.distill and ctx.soft is not None:
-                soft = ctx.soft
+            if self.distill and soft is not None:
                 teacher = type(soft)(soft.ids[:, k:].flatten(0, 1), soft.logprobs[:, k:].flatten(0, 1))
                 loss = kl(*bucketed(F.log_softmax(z, dim=-1), teacher)).mean()
             else:
