@@ -11,7 +11,7 @@ What is measured
     Speed: per prompt, each method decodes ``--repeats`` times, alternating the order
     (``timing.interleaved``); the median per prompt is summed over prompts, tokens/s = tokens / that sum,
     speed-up = plain seconds / Medusa seconds. Per-head top-1 accuracy (head k predicting the token k + 1
-    after the base head's) is measured on ``--eval-windows`` validation windows through ``ctx.targets``.
+    after the base head's) is measured on ``--eval-windows`` validation windows through its ``aux_loss``.
     Threads default to 1: batch-1 decoding is a chain of tiny matmuls (see benchmarks/decode.py).
 
 How to run
@@ -100,8 +100,8 @@ def head_accuracy(model: Student, val: np.ndarray, n_windows: int) -> dict[str, 
     n = min(n_windows, (len(val) - 1) // context)
     x, y = windows(val, [i * context for i in range(n)], context)
     ctx = model.new_context(x)
-    ctx.targets = y
     model(x, ctx)
+    model.aux_losses(ctx, y)
     return {k.split("/")[-1]: v for k, v in ctx.metrics.items() if k.endswith("_top1")}
 
 

@@ -53,8 +53,10 @@ from archlab import registry
 from archlab.config import TrainerConfig, compose
 from archlab.kernels import select_kernel
 from archlab.metrics import model_metrics
-from archlab.model import LAYER_SLOTS, Student, build_student
+from archlab.model import Student, build_student
 from archlab.trainer import make_optimizer
+
+LAYER_SLOTS = ("attention", "ffn")  # each layer's sublayers with memory=none (archlab.slots order)
 
 TARGET_RATIO = 1.05
 LOGITS_ATOL = 1e-5
