@@ -21,7 +21,7 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-from archlab import registry
+from archlab import registry, slots
 from archlab.errors import ConfigError
 
 
@@ -50,7 +50,13 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 def check_name(slot: str, name: str) -> None:
     """Refuse unknown slots, names that are not lowercase identifiers, and names already installed."""
     if slot not in TEMPLATES:
-        raise ConfigError("SLOT", slot, f"a slot with a template, one of: {', '.join(TEMPLATES)}")
+        known = slot in slots.names()
+        raise ConfigError(
+            "SLOT",
+            slot,
+            ("a slot with a template (it has none yet), " if known else "a model slot with a template, ")
+            + f"one of: {', '.join(TEMPLATES)}",
+        )
     if not NAME_PATTERN.fullmatch(name) or keyword.iskeyword(name):
         raise ConfigError("NAME", name, "a lowercase Python identifier, not a keyword (e.g. gated_attn)")
     installed = registry.plugins(slot)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from archlab import cli, scaffold
+from archlab import cli, scaffold, slots
 from archlab.config import compose
 from archlab.errors import ConfigError
 from archlab.testing import check_plugin, requires_plugin
@@ -45,6 +45,12 @@ def test_refuses_a_non_empty_directory_and_the_cli_says_why(tmp_path: Path, caps
     assert cli.main(["new-plugin", "ffn", "fancy", "--dir", str(tmp_path / "taken")]) == 2
     assert "--dir=" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+
+def test_every_model_slot_of_the_slot_table_has_a_template(capsys) -> None:
+    assert set(scaffold.TEMPLATES) == set(slots.names("sublayer", "model"))
+    assert cli.main(["new-plugin", "teacher", "mine"]) == 2  # a slot, but no template
+    assert "it has none yet" in capsys.readouterr().err
 
 
 def test_generated_sources_are_ruff_clean_for_every_slot(tmp_path: Path) -> None:
