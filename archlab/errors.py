@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
+#: ``OSError.errno`` of a directory that cannot be written (permissions, a read-only file system).
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
 
 class ArchlabError(Exception):
     """Base of every error archlab reports to a user."""
@@ -25,3 +31,17 @@ class CorpusError(ArchlabError):
 
 class NonFiniteLossError(ArchlabError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+
+def check_out(path: Path, *, directory: bool, key: str = "--out") -> Path:
+    """``path`` as where a command writes: a ``ConfigError`` if it is a file where a directory goes (or
+    the reverse), or lies under a file."""
+    path = path.expanduser()
+    if path.exists() and path.is_dir() != directory:
+        raise ConfigError(
+            key, str(path), "a directory, not a file" if directory else "a file path, not a directory"
+        )
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(key, str(path), f"a path that is not under a file ({blocker} is one)")
+    return path
