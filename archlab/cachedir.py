@@ -11,7 +11,6 @@ directory is not writable is used without the lock when it is complete.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -26,11 +25,10 @@ from filelock import FileLock, Timeout
 
 from archlab import durable
 from archlab.durable import sha256_file
-from archlab.errors import ArchlabError
+from archlab.errors import NOT_WRITABLE, ArchlabError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class Corrupt(Exception):
@@ -114,7 +112,7 @@ def _locked(path: Path, what: str, timeout: float | None, timeout_key: str) -> I
         path.parent.mkdir(parents=True, exist_ok=True)
         _acquire(lock, pid_file, what, timeout, timeout_key)
     except OSError as e:
-        if e.errno not in _READ_ONLY:
+        if e.errno not in NOT_WRITABLE:
             raise
         raise _NotWritable(f"{e.filename or path.parent}: {e.strerror}") from e
     try:

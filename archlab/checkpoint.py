@@ -56,6 +56,19 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
     ]
 
 
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def warn_non_finite(model: nn.Module, source: Path | str) -> None:
+    """One warning naming the tensors of ``model``, loaded from ``source``, that hold NaN or Inf."""
+    bad = non_finite_tensors(model)
+    if bad:
+        log.warning(
+            "%s: weights hold NaN/Inf (%s); the model's outputs are not meaningful", source, _listed(bad)
+        )
+
+
 def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
     """Write checkpoint ``step`` atomically and durably, make it the LAST one, keep the newest ``KEEP``.
 
@@ -66,7 +79,7 @@ def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
         last = latest(ckpt_root.parent)
         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written"
         raise NonFiniteLossError(
-            f"weights hold NaN/Inf at step {step} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+            f"weights hold NaN/Inf at step {step} ({_listed(bad)}); "
             f"checkpoint not written and training stopped; {kept}"
         )
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -250,5 +263,6 @@ def load_student(ckpt: Path, device: torch.device):
 
     model = build_student(saved_config(ckpt))
     load_weights(ckpt, model)  # weights only: the optimizer state in state.pt is not needed here
+    warn_non_finite(model, ckpt)
     model.kernel = select_kernel("auto", device, torch.float32, model.dims.head_dim)
     return model.to(device).eval().requires_grad_(False)

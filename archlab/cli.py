@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from archlab import __version__, registry, slots
-from archlab.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArchlabError, ConfigError
+from archlab.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, NOT_WRITABLE, ArchlabError, ConfigError
 
 log = logging.getLogger("archlab")
 
@@ -100,11 +102,21 @@ def _train_app(cfg: DictConfig) -> float:
 
 
 def train(args: list[str]) -> None:
+    """``archlab train``: Hydra's app, whose config errors reach ``main`` as exceptions (exit 2) rather
+    than Hydra's own report and exit 1, which is left for a crash."""
     from archlab.config import register_configs
 
     register_configs()
     sys.argv = ["archlab train", *args]
-    _train_app()
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises what it would print and exit 1 on
+    try:
+        _train_app()
+    finally:
+        if previous is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def teacher(args: list[str]) -> int:
@@ -126,10 +138,11 @@ def teacher(args: list[str]) -> int:
     if cfg.teacher.plugin == "none":
         raise ConfigError("teacher", "none", "a teacher plugin to build, e.g. teacher=ngram")
     t = OmegaConf.to_object(cfg.trainer)
+    device = resolve_device(t.device)
     split = load_split(cfg)
     log.info(split.report())
     _, objective_cfg = registry.configured("objective", cfg.objective)
-    targets = soft_targets_for(cfg, split, resolve_device(t.device), t, objective_cfg)
+    targets = soft_targets_for(cfg, split, device, t, objective_cfg)
     print(f"teacher {cfg.teacher.plugin}: val bpb {targets.meta['teacher_val_bpb']:.4f}")
     print(
         f"soft targets ({targets.meta['train_windows']} train windows, top {targets.meta['top_k']}): "
@@ -152,6 +165,15 @@ def _renamed_flags(args: list[str]) -> list[str]:
             arg = RENAMED_FLAGS[flag] + eq + value
         out.append(arg)
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates: how Python passes argv bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def generate(args: list[str]) -> int:
@@ -177,9 +199,11 @@ def generate(args: list[str]) -> int:
     for key, bad, allowed in (
         ("--no-cache", opts.draft and opts.no_cache, "off with --draft (it verifies through the cache)"),
         ("--max-new-tokens", opts.max_new_tokens < 1, "a positive integer"),
-        ("--temperature", opts.temperature < 0, "a number >= 0"),
+        ("--temperature", not 0 <= opts.temperature < math.inf, "a finite number >= 0"),
         ("--top-k", opts.top_k < 0, "an integer >= 0"),
         ("--top-p", not 0 < opts.top_p <= 1, "a number in (0, 1]"),
+        ("--seed", not 0 <= opts.seed < 2**64, "an integer in [0, 2**64)"),
+        ("--prompt", not _is_utf8(opts.prompt), "UTF-8 text (the shell passed bytes that are not)"),
     ):
         if bad:
             raise ConfigError(key, getattr(opts, key[2:].replace("-", "_")), allowed)
@@ -194,11 +218,11 @@ def generate(args: list[str]) -> int:
     from archlab.generate import generate as run_generation
     from archlab.trainer import resolve_device, tokenizer_for
 
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device, key="--device")
     if opts.checkpoint.endswith(".safetensors"):  # a file from `archlab export --packed`
         ckpt, (model, cfg) = opts.checkpoint, export.load_packed(opts.checkpoint, device)
     else:
-        ckpt = checkpoint.find(opts.checkpoint)
+        ckpt = checkpoint.find(opts.checkpoint, key="CHECKPOINT")
         model, cfg = checkpoint.load_student(ckpt, device), checkpoint.saved_config(ckpt)
     tokenizer = tokenizer_for(cfg)
     prompt = torch.tensor([tokenizer.encode(opts.prompt)], device=device)
@@ -269,6 +293,19 @@ def plugins(args: list[str]) -> int:
     return 0
 
 
+def _one_line(exc: Exception) -> str:
+    """The error as one line: Hydra's and OmegaConf's texts with their cause, without Hydra's config
+    search path and OmegaConf's ``full_key``/``object_type`` detail lines."""
+    text = str(exc).split("\nConfig search path:")[0]
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause) not in text:
+        text += f"\n({str(cause).splitlines()[0]})"
+    detail = ("full_key:", "object_type=", "reference_type=")
+    return " ".join(
+        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(detail)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -305,10 +342,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"archlab {__version__}")
             return 0
     except ArchlabError as exc:  # bad input (2) or a failed run (3): one message
-        print(f"archlab: error: {exc}", file=sys.stderr)
+        print(f"archlab: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except (HydraException, OmegaConfBaseException) as exc:  # a config that does not compose
-        print(f"archlab: error: {exc}", file=sys.stderr)
+        print(f"archlab: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a read-only run dir, cache dir or --out
+        if exc.errno not in NOT_WRITABLE:
+            raise
+        print(f"archlab: error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("archlab: interrupted", file=sys.stderr)

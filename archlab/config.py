@@ -9,6 +9,7 @@ plugin and Hydra type-checks the override, with no YAML written by the author.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -87,14 +88,14 @@ class TrainerConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}", getattr(self, key), "a positive integer")
-        if self.lr <= 0:
-            raise ConfigError("trainer.lr", self.lr, "a positive learning rate")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("trainer.lr", self.lr, "a positive, finite learning rate")
         for key in ("warmup_fraction", "min_lr_ratio", "decay_fraction", "beta1", "beta2"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"trainer.{key}", getattr(self, key), "a number in [0, 1]")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            key = "weight_decay" if self.weight_decay < 0 else "grad_clip"
-            raise ConfigError(f"trainer.{key}", getattr(self, key), "a number >= 0 (0 = off)")
+        for key in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ConfigError(f"trainer.{key}", getattr(self, key), "a finite number >= 0 (0 = off)")
 
 
 @dataclass
@@ -163,7 +164,8 @@ def node_class(slot: str, name: str, plugin: type) -> type:
 
 
 def register_configs() -> None:
-    """Store the schemas and every loadable plugin's config in Hydra's ConfigStore."""
+    """Store the schemas and every plugin's config in Hydra's ConfigStore (a broken one's as a bare
+    ``plugin`` name, which validation then reports)."""
     cs = ConfigStore.instance()
     model = OmegaConf.structured(ModelConfig)
     OmegaConf.set_struct(model.linear_overrides, False)  # roles are open keys: {ffn: X} needs no '+'
@@ -176,13 +178,18 @@ def register_configs() -> None:
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
     cs.store(group="logger", name="none", node=LoggerConfig(backend=LoggerBackend.none), provider="archlab")
     for slot in slots.names("sublayer", "model", "pipeline"):
-        for name, plugin in registry.loadable(slot).items():
-            provider = registry.plugins(slot)[name].distribution
-            cs.store(group=slot, name=name, node=node_class(slot, name, plugin), provider=provider)
+        loadable = registry.loadable(slot)
+        for name, announced in registry.plugins(slot).items():
+            # a broken plugin stays selectable, so that choosing it reports its error, not "could not find"
+            node = node_class(slot, name, loadable[name]) if name in loadable else {"plugin": name}
+            cs.store(group=slot, name=name, node=node, provider=announced.distribution)
 
 
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before training: shapes, plugin configs, trainer values."""
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ConfigError("seed", seed, "an integer in [0, 2**64)")
     dims = dims_from(cfg)
     linear_factory(cfg, slot_choices(cfg)["linear"])
     check_backend(cfg.model.attention_backend)

@@ -7,6 +7,12 @@ and failed (``RunFailedError``: it diverged, a study stage failed); 130 interrup
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
+#: ``OSError.errno`` of a directory that cannot be written (permissions, a read-only file system).
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
 EXIT_CRASH, EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -40,3 +46,17 @@ class CorpusError(ArchlabError):
 
 class NonFiniteLossError(RunFailedError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+
+def check_out(path: Path, *, directory: bool, key: str = "--out") -> Path:
+    """``path`` as where a command writes: a ``ConfigError`` if it is a file where a directory goes (or
+    the reverse), or lies under a file."""
+    path = path.expanduser()
+    if path.exists() and path.is_dir() != directory:
+        raise ConfigError(
+            key, str(path), "a directory, not a file" if directory else "a file path, not a directory"
+        )
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(key, str(path), f"a path that is not under a file ({blocker} is one)")
+    return path

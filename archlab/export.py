@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from archlab.errors import ArchlabError, ConfigError
+from archlab.errors import ArchlabError, ConfigError, check_out
 from archlab.slots import PackedState, offers
 
 FORMAT = "archlab-packed/1"
@@ -61,6 +61,7 @@ def save_packed(model: nn.Module, cfg: DictConfig, path: Path) -> dict[str, Tens
 
 def load_packed(path: str | Path, device: torch.device | str = "cpu"):
     """The student stored by ``save_packed``, frozen for inference, and its config."""
+    from archlab.checkpoint import warn_non_finite
     from archlab.kernels import select_kernel
     from archlab.model import build_student
 
@@ -80,6 +81,7 @@ def load_packed(path: str | Path, device: torch.device | str = "cpu"):
     missing = [k for k in missing if not _under(k, modules)]
     if missing or unexpected:
         raise ArchlabError(f"{path} does not fit its own config: missing {missing}, unexpected {unexpected}")
+    warn_non_finite(model, path)
     device = torch.device(device)
     model.kernel = select_kernel("auto", device, torch.float32, model.dims.head_dim)
     return model.to(device).eval().requires_grad_(False), cfg
@@ -129,9 +131,9 @@ def main(args: list[str]) -> int:
         raise ConfigError("--packed", False, "--packed (the only export format so far)")
     from archlab import checkpoint
 
-    ckpt = checkpoint.find(opts.checkpoint)
+    ckpt = checkpoint.find(opts.checkpoint, key="CHECKPOINT")
+    out = check_out(opts.out or ckpt / "packed.safetensors", directory=False)
     model = checkpoint.load_student(ckpt, torch.device("cpu"))
-    out = opts.out or ckpt / "packed.safetensors"
     tensors = save_packed(model, checkpoint.saved_config(ckpt), out)
     print(format_report(size_report(model, tensors), out))
     return 0

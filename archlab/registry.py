@@ -7,7 +7,8 @@ distribution that announces it is the only step needed to make it selectable.
 Entry points are read once and loaded lazily, one by one: a plugin that fails to
 import is recorded with its distribution, entry point and error and never stops
 the others, unless ``ARCHLAB_STRICT_PLUGINS=1`` asks for an error (CI does).
-Two plugins claiming the same slot and name are always an error naming both.
+Two distributions claiming the same slot and name make that one name broken, with an
+error naming both; the slot's other plugins are unaffected.
 """
 
 from __future__ import annotations
@@ -129,16 +130,16 @@ def plugins(slot: str) -> dict[str, Plugin]:
     found: dict[str, Plugin] = {}
     for ep in entry_points(group=f"archlab.{slot}"):
         plugin = Plugin(slot, ep.name, ep)
-        if ep.name in found:
-            other = found[ep.name]
-            if other.entry_point.value == ep.value and other.distribution == plugin.distribution:
-                continue  # the same distribution seen twice on sys.path
-            raise PluginError(
-                f"two plugins claim {slot}={ep.name}: '{other.entry_point.value}' from "
-                f"{other.distribution} and '{ep.value}' from {plugin.distribution}; "
-                "uninstall one or rename its entry point"
-            )
-        found[ep.name] = plugin
+        other = found.setdefault(ep.name, plugin)
+        if other is plugin or (
+            other.entry_point.value == ep.value and other.distribution == plugin.distribution
+        ):
+            continue  # a new name, or the same distribution seen twice on sys.path
+        other._error = (
+            f"two plugins claim {slot}={ep.name}: '{other.entry_point.value}' from "
+            f"{other.distribution} and '{ep.value}' from {plugin.distribution}; "
+            "uninstall one or rename its entry point"
+        )
     return found
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from archlab import ladder, registry
-from archlab.errors import ConfigError, RunFailedError
+from archlab.errors import ConfigError, RunFailedError, check_out
 
 PRESETS_DIR = Path(__file__).parent / "studies"
 PLACEBO_INIT_SEED = 1000  # placebo at seed s draws its initialisation with model.init_seed = 1000 + s
@@ -408,8 +408,11 @@ def main(args: list[str]) -> int:
     unknown = [n for n in names if n not in preset.students]
     if unknown:
         raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(preset.students)}")
-    out = Path(opts.out or Path("outputs", "study", datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = check_out(
+        Path(opts.out or Path("outputs", "study", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))),
+        directory=True,
+    )
+    if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", str(out), "a new or empty directory")
     steps, overrides = _steps(preset, opts.overrides)
     ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)

@@ -60,10 +60,25 @@ def lr_factor(step: int, t: TrainerConfig) -> float:
     return 1 - (1 - floor) * (step - decay_start) / max(1, t.max_steps - decay_start)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` (CUDA where available, else CPU), ``cpu``, or an accelerator this machine has (``cuda``,
+    ``cuda:N``, ...); anything else is a ``ConfigError`` naming ``key``, the option that gave ``name``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count()
+    allowed = "auto or cpu" + (
+        f", or {here.type} / {here.type}:N, N < {count}" if here else " (no accelerator here)"
+    )
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(key, name, allowed) from None
+    if device.type == "cpu" or (
+        here is not None and device.type == here.type and (device.index or 0) < count
+    ):
+        return device
+    raise ConfigError(key, name, allowed)
 
 
 def freeze_except(model: torch.nn.Module, prefixes: list[str]) -> None:
@@ -126,6 +141,9 @@ def load_split(cfg: DictConfig) -> TokenSplit:
         )
         with open_dict(cfg):
             cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        allowed = f"at least the vocabulary of the {tokenizer.name} tokenizer ({tokenizer.vocab_size})"
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size, allowed)
     d = cfg.data
     return build_split(
         corpus_cls(corpus_cfg),

@@ -210,16 +210,19 @@ def test_plugins_without_check_still_lists_the_others(run_cli, make_dist) -> Non
     assert "depth=7" in result.stdout
 
 
-def test_plugins_with_two_claims_on_one_name_is_a_one_line_error(run_cli, make_dist) -> None:
+def test_plugins_lists_two_claims_on_one_name_as_broken_and_the_rest_ok(run_cli, make_dist) -> None:
     one = make_dist("claim-one", {"archlab.ffn": {"twice": "one_pkg.mod:A"}}, {}, on_path=False)
     two = make_dist("claim-two", {"archlab.ffn": {"twice": "two_pkg.mod:B"}}, {}, on_path=False)
-    result = run_cli("plugins", pythonpath=[one, two])
-    assert result.returncode == 2
+    result = run_cli("plugins", "--check", pythonpath=[one, two])
+    assert result.returncode == 1
     assert_no_traceback(result)
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("archlab: error: two plugins claim ffn=twice")
+    found = listed(result.stdout)
+    status = found["ffn"]["twice"]["status"]
+    assert status.startswith("BROKEN (") and "two plugins claim ffn=twice" in status
     for part in ("claim-one 1.0", "claim-two 1.0", "one_pkg.mod:A", "two_pkg.mod:B"):
-        assert part in line
+        assert part in status
+    assert found["ffn"]["mlp"]["status"] == found["attention"]["mha"]["status"] == "ok"
+    assert result.stderr.strip() == "1 broken plugin(s)"
 
 
 # --- archlab train: errors before training -----------------------------------------------------

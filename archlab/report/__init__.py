@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from archlab.density import LadderFit
-from archlab.errors import ConfigError
+from archlab.errors import ConfigError, check_out
 from archlab.report import calibration
 from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot
 from archlab.report.runs import Run, attach_density, load_ladder, load_runs
@@ -177,10 +177,11 @@ def main(args: list[str]) -> int:
         raise ConfigError("--n-boot", opts.n_boot, "an integer >= 1")
     if opts.ladder is not None and not Path(opts.ladder).expanduser().exists():
         raise ConfigError("--ladder", opts.ladder, "an existing ladder multirun dir or fit JSON")
+    out = check_out(Path(opts.out or Path(opts.runs[0]) / "report"), directory=True)
     skipped: list[str] = []
     runs = load_runs(opts.runs, skipped)
     fit = load_ladder(opts.ladder, n_boot=opts.n_boot, notes=skipped) if opts.ladder else None
-    index = write_report(runs, fit, opts.out or Path(opts.runs[0]) / "report", extra_notes=skipped)
+    index = write_report(runs, fit, out, extra_notes=skipped)
     print(f"report: {index} (and {index.with_name('report.md').name}, PNGs beside it)")
     for line in notes(runs, fit):
         print(f"note: {line}")

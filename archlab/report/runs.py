@@ -63,8 +63,20 @@ def _wandb_id(run_dir: Path) -> str | None:
     return found[-1].name.rsplit("-", 1)[1] if found else None
 
 
-def load_run(run_dir: Path) -> Run:
-    summary = json.loads((run_dir / "summary.json").read_text())
+def read_summary(path: Path) -> dict:
+    """A run's ``summary.json``; ``ValueError`` saying why if it is not a JSON object with a numeric
+    ``val/bpb`` and ``params/non_embedding`` (what every report needs)."""
+    summary = json.loads(path.read_bytes())  # ValueError also for bytes that are not UTF-8
+    if not isinstance(summary, dict):
+        raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+    for key in ("val/bpb", "params/non_embedding"):
+        if isinstance(summary.get(key), bool) or not isinstance(summary.get(key), int | float):
+            raise ValueError(f"{key} is {summary.get(key)!r}, not a number")
+    return summary
+
+
+def load_run(run_dir: Path, summary: dict) -> Run:
+    """The run in ``run_dir``, whose summary (``read_summary``) is ``summary``."""
     hydra = run_dir / ".hydra"
     cfg = OmegaConf.load(hydra / "config.yaml") if (hydra / "config.yaml").exists() else OmegaConf.create()
     overrides = OmegaConf.load(hydra / "overrides.yaml") if (hydra / "overrides.yaml").exists() else []
@@ -106,13 +118,19 @@ def load_runs(paths: list[str | Path], notes: list[str] | None = None) -> list[R
         if not jobs:
             raise ConfigError("RUN_DIRS", str(raw), "a run dir (with .hydra/) or a multirun dir of run dirs")
         for job in jobs:
-            if not (job / "summary.json").exists():
+            file = job / "summary.json"
+            try:
+                summary = read_summary(file)
+            except FileNotFoundError:
                 note = f"skipped {job}: no summary.json (unfinished or failed run)"
-                log.warning(note)
-                if notes is not None:
-                    notes.append(note)
+            except ValueError as exc:
+                note = f"skipped {job}: {file} is not a run summary ({exc})"
+            else:
+                runs.append(load_run(job, summary))
                 continue
-            runs.append(load_run(job))
+            log.warning(note)
+            if notes is not None:
+                notes.append(note)
     if len(runs) > 1:  # name runs by what sets them apart (the ladder a run was measured against does not)
         shared = set.intersection(*(set(r.overrides) for r in runs))
         for r in runs:
