@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from archlab import slots
+from archlab import deprecation, slots
 from archlab.errors import ConfigError, PluginError
 
 #: Names moved to ``archlab.slots`` (kinds of slot there): still importable, with a warning, for one release.
@@ -33,18 +32,13 @@ _MOVED = {
     "SLOTS": ("sublayer", "model", "pipeline"),
     "PART_SLOTS": ("part",),
 }
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    if name in _MOVED:
-        kinds = ", ".join(repr(k) for k in _MOVED[name])
-        warnings.warn(
-            f"archlab.registry.{name} is deprecated: use archlab.slots.names({kinds})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return slots.names(*_MOVED[name])
-    raise AttributeError(f"module 'archlab.registry' has no attribute {name!r}")
+__getattr__ = deprecation.forward(
+    __name__,
+    {
+        name: (f"archlab.slots.names({', '.join(repr(k) for k in kinds)})", partial(slots.names, *kinds))
+        for name, kinds in _MOVED.items()
+    },
+)
 
 
 #: Entry-point group through which a distribution adds Hydra presets (``pkg://`` paths).

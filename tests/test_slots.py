@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from archlab import api, cli, registry, slots
+from archlab import api, cli, deprecation, registry, slots
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, CONFIG = ROOT / "docs" / "plugins.md", ROOT / "archlab" / "conf" / "config.yaml"
@@ -118,6 +118,7 @@ def test_a_new_sublayer_slot_is_a_table_row_and_a_baseline(
 
 
 def test_moved_names_still_work_with_a_warning_and_removed_ones_say_what_replaces_them() -> None:
+    deprecation.warned.discard("archlab.registry.MODEL_SLOTS")  # it warns once a process
     with pytest.warns(DeprecationWarning, match=r"archlab.slots.names\('sublayer', 'model'\)"):
         assert slots.names("sublayer", "model") == registry.MODEL_SLOTS
     ctx = api.ForwardContext(torch.arange(2), lambda x, p: x, lambda q, k, v: q)
