@@ -69,13 +69,14 @@ def reference(tmp_path_factory, tiny_overrides) -> list[dict]:
 
 
 def test_two_processes_of_batch_8_follow_one_of_batch_16(tmp_path, cli_env, tiny_overrides, reference):
+    # a run dir each process resolves differently, as Hydra's ${now:...} may (one second apart)
+    per_process_dir = "hydra.run.dir=outputs/rank${oc.env:RANK}"
     torchrun(
         "-m", "archlab.cli", "train", *tiny_overrides, *RUN, "trainer.batch_size=8", "trainer.parallel=ddp",
-        cwd=tmp_path, env=cli_env,
+        per_process_dir, cwd=tmp_path, env=cli_env,
     )  # fmt: skip
-    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
-    assert len(run_dirs) == 1, f"one run, one run dir: {run_dirs}"  # Hydra's ${now} is per process
-    run_dir = run_dirs[0]
+    run_dir = tmp_path / "outputs" / "rank0"
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["rank0"], "one run, one run dir"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["world_size"] == 2 and reference[0]["world_size"] == 1
     assert_same_curve(records[1:], reference[1:])
