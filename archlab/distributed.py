@@ -77,14 +77,14 @@ class Ranks:
         return shared
 
 
-def launched() -> bool:
+def _launched() -> bool:
     """Whether this process was started by torchrun (or anything else that sets WORLD_SIZE)."""
     return "WORLD_SIZE" in os.environ
 
 
 def _local_device(device: torch.device) -> torch.device:
     """``device`` for this process: an accelerator's index is torchrun's LOCAL_RANK."""
-    if device.type == "cpu" or not launched():
+    if device.type == "cpu" or not _launched():
         return device
     return torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -104,7 +104,7 @@ def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if launched():
+    if _launched():
         dist.init_process_group(backend, init_method="env://")
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
