@@ -67,14 +67,18 @@ def run_info(cfg: DictConfig):
 
 
 def train_job(cfg: DictConfig) -> float:
-    """One Hydra job: validate everything, train, print where the results are; returns val bpb."""
+    """One Hydra job: validate everything, train (on the ranks of ``trainer.parallel``, in rank 0's run
+    dir), print where the results are (rank 0); returns val bpb."""
+    from archlab import distributed
     from archlab.config import validate
-    from archlab.trainer import Trainer
+    from archlab.trainer import Trainer, resolve_device
 
     info = run_info(cfg)
     try:
         validate(cfg)
-        summary = Trainer(cfg, info).run()
+        with distributed.process_group(cfg.trainer.parallel, resolve_device(cfg.trainer.device)) as ranks:
+            info = dataclasses.replace(info, run_dir=ranks.shared_dir(info.run_dir))
+            summary = Trainer(cfg, info).run()
     except ArchlabError as exc:
         print(f"archlab: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
@@ -85,6 +89,8 @@ def train_job(cfg: DictConfig) -> float:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_INTERRUPTED) from None
+    if not ranks.is_main:
+        return float(summary["val/bpb"])
     print(
         f"\nval bpb {summary['val/bpb']:.4f} after {summary['train/steps']} steps "
         f"({summary['tokens_per_s']:,.0f} tokens/s)"
@@ -107,6 +113,8 @@ def train(args: list[str]) -> None:
     from archlab.config import register_configs
 
     register_configs()
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 alone writes the run dir
+        args = [*args, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     sys.argv = ["archlab train", *args]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises what it would print and exit 1 on

@@ -224,6 +224,15 @@ class StepEndHook(Protocol):
 
 
 @runtime_checkable
+class SumsAcrossRanks(Protocol):
+    """Buffers it tallies from its own batch, named in ``rank_summed_buffers``: in a data-parallel run
+    the trainer sums them over the ranks after each step's backward, before ``on_step_end`` acts on
+    them (the aux-loss-free router's per-expert load), so every rank sees the global batch's tally."""
+
+    rank_summed_buffers: tuple[str, ...]
+
+
+@runtime_checkable
 class DepthWeightsReport(Protocol):
     """A residual plugin's learnt mixing over depth: plotted to ``plots/depth_weights.png``."""
 
@@ -307,6 +316,7 @@ CAPABILITIES = (
     Capability(WeightBytes, "`weight_bytes()`", ("linear",)),
     Capability(PackedState, "`packed_state()`, `load_packed_state(state)`", ("linear",)),
     Capability(StepEndHook, "`on_step_end()`", ("any module",)),
+    Capability(SumsAcrossRanks, '`rank_summed_buffers = ("name", ...)`', ("any module",)),
     Capability(DepthWeightsReport, "`depth_weights()`", ("residual",)),
     Capability(DraftHeads, "`num_draft_heads: int`, `draft_logits(h)`", ("head",)),
     Capability(AuxLoss, "`aux_loss(ctx, targets, soft)`", ("any module",)),

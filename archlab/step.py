@@ -4,7 +4,8 @@ the micro-batches of the step, gradient clipping, the optimizer and scheduler, p
 Where the micro-batches come from (the training stream, another rank's shard, the student's
 own samples) is the caller's business; so is what a non-finite step means for the run. The
 unit never steps the optimizer on a non-finite loss or gradient norm: it raises
-``NonFiniteStep`` first, leaving the weights as they were.
+``NonFiniteStep`` first, leaving the weights as they were. A subclass may change how the
+micro-batches accumulate and how ranks agree (``archlab.distributed.DataParallelStep``).
 """
 
 from __future__ import annotations
@@ -50,23 +51,34 @@ class OptimizerStep:
     ) -> None:
         self.model, self.objective, self.optimizer, self.scheduler = model, objective, optimizer, scheduler
         self.grad_clip, self.autocast = grad_clip, autocast
+        self.forward: Callable[..., Tensor] = model  # the model's forward, or a wrapper's (DDP)
         # updates outside the optimizer, after it (e.g. MoE balancing biases)
         self.hooks: Sequence[nn.Module] = list(offering(model.modules(), StepEndHook))
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context of one micro-batch's forward and backward (``last``: the step's last one)."""
+        return contextlib.nullcontext()
+
+    def across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """The step's metrics (and any state the ranks must share) combined over ranks: one process's."""
+        return sums
 
     def __call__(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         batches = list(micro_batches)
         sums: dict[str, float] = defaultdict(float)  # objective, total and reported metrics
-        for batch in batches:
-            with self.autocast():
-                ctx = self.model.new_context(batch.x)
-                logits = self.model(batch.x, ctx)
-                self.model.aux_losses(ctx, batch.y, batch.soft)
-                loss = self.objective(logits, batch.y, batch.soft)
-                total = ctx.add_aux_losses(loss)
-            (total / len(batches)).backward()
+        for i, batch in enumerate(batches):
+            with self.accumulating(last=i == len(batches) - 1):
+                with self.autocast():
+                    ctx = self.model.new_context(batch.x)
+                    logits = self.forward(batch.x, ctx)
+                    self.model.aux_losses(ctx, batch.y, batch.soft)
+                    loss = self.objective(logits, batch.y, batch.soft)
+                    total = ctx.add_aux_losses(loss)
+                (total / len(batches)).backward()
             for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():
                 sums[name] += float(value) / len(batches)
+        sums = self.across_ranks(dict(sums))
         if not math.isfinite(sums["total_loss"]):
             raise NonFiniteStep(f"loss is {sums['total_loss']}")
         grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from archlab import checkpoint, plots, registry, resume
+from archlab import checkpoint, distributed, plots, registry, resume
 from archlab.baselines.objective import teacher_agreement
 from archlab.config import Schedule, TrainerConfig
 from archlab.data import TokenSplit, build_split, n_val_windows, train_batch, val_batches
@@ -172,9 +173,15 @@ def teacher_env(cfg: DictConfig, split: TokenSplit, device: torch.device, progre
 
 
 def soft_targets_for(
-    cfg: DictConfig, split: TokenSplit, device: torch.device, t: TrainerConfig, objective_cfg
+    cfg: DictConfig,
+    split: TokenSplit,
+    device: torch.device,
+    t: TrainerConfig,
+    objective_cfg,
+    world_size: int = 1,
 ) -> TargetCache | None:
-    """The shared teacher's cached targets for this run (built once per sweep), or None without a teacher."""
+    """The shared teacher's cached targets for this run (built once per sweep, by whichever process takes
+    the cache's lock first; the others wait on it), or None without a teacher."""
     if cfg.teacher.plugin == "none":
         return None
     teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
@@ -193,7 +200,7 @@ def soft_targets_for(
         top_k=min(cfg.distill.top_k, teacher.vocab_size),
         temperature=float(getattr(objective_cfg, "temperature", 1.0)),
         seed=cfg.seed,
-        train_windows=t.max_steps * t.grad_accum * t.batch_size,
+        train_windows=t.max_steps * t.grad_accum * t.batch_size * world_size,
         val_windows=n_val_windows(split.val, cfg.model.context, t.eval_tokens),
         batch_size=cfg.distill.build_batch_size,
         lock_timeout=cfg.distill.lock_timeout,
@@ -201,6 +208,15 @@ def soft_targets_for(
     targets = build_or_load(teacher, split, request, cache_dir, t.progress)
     log.info("teacher %s: val bpb %.4f", cfg.teacher.plugin, targets.meta["teacher_val_bpb"])
     return targets
+
+
+def memory_peak(device: torch.device) -> dict[str, int]:
+    """The training process's memory high-water mark (rank 0's; DDP ranks hold the same): on CUDA the
+    tensors' peak on its device (``memory/peak_device_bytes``), on CPU the process's peak resident set,
+    tensors and everything else (``memory/peak_rss_bytes``, Linux's ru_maxrss)."""
+    if device.type == "cuda":
+        return {"memory/peak_device_bytes": torch.cuda.max_memory_allocated(device)}
+    return {"memory/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def density_summary(ladder: str | None, summary: dict) -> dict:
@@ -228,7 +244,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig, info: RunInfo, split: TokenSplit | None = None) -> None:
         self.cfg, self.info = cfg, info
         self.t: TrainerConfig = OmegaConf.to_object(cfg.trainer)
-        self.device = resolve_device(self.t.device)
+        self.ranks = distributed.current(self.t.parallel, resolve_device(self.t.device))
+        self.device = self.ranks.device
+        # windows of the training stream per optimizer step, over all ranks
+        self.windows_per_step = self.t.batch_size * self.t.grad_accum * self.ranks.world_size
         bf16 = self.t.precision.name == "bf16"
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.split = split or load_split(cfg)
@@ -246,7 +265,9 @@ class Trainer:
         self.objective = objective(objective_cfg)
         n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
         self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
-        self.targets = soft_targets_for(cfg, self.split, self.device, self.t, objective_cfg)
+        self.targets = soft_targets_for(
+            cfg, self.split, self.device, self.t, objective_cfg, self.ranks.world_size
+        )
         if self.t.init_from:
             init_from(self.model, self.t.init_from)
         freeze_except(self.model, self.t.train_only)
@@ -254,7 +275,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.t)
         )
-        self.update = OptimizerStep(
+        step = distributed.DataParallelStep if self.t.parallel == "ddp" else OptimizerStep
+        self.update = step(
             self.model,
             self.objective,
             self.optimizer,
@@ -272,9 +294,12 @@ class Trainer:
 
     def micro_batches(self) -> Iterator[MicroBatch]:
         """The step's ``grad_accum`` micro-batches: the training stream's windows at the positions of
-        (seed, step), with the soft targets of the same positions."""
-        for micro in range(self.t.grad_accum):
-            first, count = (self.step * self.t.grad_accum + micro) * self.t.batch_size, self.t.batch_size
+        (seed, step), with the soft targets of the same positions. Of each global micro-batch of
+        world_size · batch_size windows, rank r reads the r-th batch_size."""
+        t, ranks = self.t, self.ranks
+        for micro in range(t.grad_accum):
+            global_micro = self.step * t.grad_accum + micro
+            first, count = (global_micro * ranks.world_size + ranks.rank) * t.batch_size, t.batch_size
             x, y = train_batch(
                 self.split.train,
                 context=self.model.dims.context,
@@ -311,7 +336,8 @@ class Trainer:
 
     @property
     def tokens_seen(self) -> int:
-        return self.step * self.t.batch_size * self.t.grad_accum * self.model.dims.context
+        """Training tokens of all ranks so far."""
+        return self.step * self.windows_per_step * self.model.dims.context
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -372,6 +398,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "wandb_id": wandb_id,
+            "world_size": self.ranks.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
         return checkpoint.save(self.ckpt_root, self.step, self.model, state)
@@ -381,6 +408,12 @@ class Trainer:
         state = checkpoint.read_state(ckpt)
         new = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
         changed = resume.check(ckpt, state["config"], new)
+        saved_world = state.get("world_size", 1)  # checkpoints before trainer.parallel: one process
+        if saved_world != self.ranks.world_size:
+            raise resume.ResumeError(
+                f"trainer.resume: checkpoint {ckpt} was trained on {saved_world} process(es), this run has "
+                f"{self.ranks.world_size}; resuming at another world size is not built yet (issue 20)"
+            )
         checkpoint.load_weights(ckpt, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -391,7 +424,8 @@ class Trainer:
         self._set_hyperparameters()
         for key, (old, now) in sorted(changed.items()):
             log.warning("resume: %s changed from %r to %r; applied from step %d on", key, old, now, self.step)
-        resume.record(self.info.run_dir, self.step, ckpt, changed)
+        if self.ranks.is_main:
+            resume.record(self.info.run_dir, self.step, ckpt, changed)
         log.info("resumed from %s at step %d", ckpt, self.step)
         return state["wandb_id"]
 
@@ -435,18 +469,25 @@ class Trainer:
         return summary if isinstance(summary, dict) and "val/bpb" in summary else None
 
     def run(self) -> dict:
-        """Train to ``max_steps`` (resuming if asked), evaluate, log and return the summary."""
+        """Train to ``max_steps`` (resuming if asked), evaluate, log and return the summary: rank 0's,
+        on every rank. Rank 0 alone evaluates, logs and checkpoints; the other ranks only step."""
         ckpt = self.resume_point()
-        checkpoint.remove_partial(self.ckpt_root)
+        if self.ranks.is_main:
+            checkpoint.remove_partial(self.ckpt_root)
         wandb_id = self.restore(ckpt) if ckpt else None
         done = self.finished_summary()
         if done is not None:
             log.info("run finished at step %d already; its summary.json is kept", self.step)
             return done
+        if not self.ranks.is_main:
+            while self.step < self.t.max_steps:
+                self.train_step()
+            return self.ranks.broadcast(None)
         loggers = Loggers(self.cfg, self.info, resume_id=wandb_id)
         loggers.jsonl.truncate_after(self.step)
         static = model_metrics(self.model, self.compute_dtype)
         static["kernel/attention"] = self.model.kernel.name
+        static["world_size"] = self.ranks.world_size
         static.update(
             {f"corpus/{k}": self.split.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
         )
@@ -462,7 +503,7 @@ class Trainer:
         loggers.finish()
         for line in loggers.locations():
             log.info(line)
-        return summary
+        return self.ranks.broadcast(summary)
 
     def _loop(self, loggers: Loggers, static: dict) -> dict:
         if self.step == 0:  # a resumed run logged them when it started
@@ -496,7 +537,7 @@ class Trainer:
                     self.save(loggers.wandb_id)
         if not val:
             val = self.evaluate()
-        tokens_per_step = t.batch_size * t.grad_accum * self.model.dims.context
+        tokens_per_step = self.windows_per_step * self.model.dims.context
         done = self.step - first
         return {
             **static,
@@ -504,5 +545,6 @@ class Trainer:
             **val,
             "train/steps": self.step,
             "train/tokens": self.tokens_seen,
-            "tokens_per_s": done * tokens_per_step / train_time if train_time else 0.0,
+            "tokens_per_s": done * tokens_per_step / train_time if train_time else 0.0,  # all ranks'
+            **memory_peak(self.device),
         }

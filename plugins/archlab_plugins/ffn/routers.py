@@ -34,6 +34,8 @@ Router contract (for a router of your own):
 - ``is_causal = False`` if a token's routing reads later tokens: generation then refuses the model.
 - Optional ``on_step_end()``: called by the trainer after every optimizer step (state outside the optimizer
   goes in buffers, never parameters).
+- Optional ``rank_summed_buffers``: names of buffers tallied from the router's own batch, summed over the
+  ranks of a data-parallel run before ``on_step_end`` (``archlab.api.SumsAcrossRanks``).
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ class SoftmaxTopK(TokenChoice):
 
 
 class AuxLossFree(TokenChoice):
+    rank_summed_buffers = ("step_load",)  # under DDP, c_i counts the tokens of the global batch
+
     @dataclass
     class Config:
         top_k: int = 2

@@ -1,0 +1,152 @@
+"""Data-parallel training (``trainer.parallel=ddp``): the process group, the ranks, and the step under DDP.
+
+Under ``torchrun --nproc_per_node=N -m archlab.cli train ... trainer.parallel=ddp`` each process
+joins the group torchrun describes (env://: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+over nccl on CUDA and gloo on CPU. Without torchrun's variables, ``ddp`` runs as world size 1 in
+this process (an in-process store): the same code path, nothing to launch.
+
+What the ranks must agree on, and how they do:
+
+- **weights**: DDP broadcasts rank 0's at construction and averages the gradients in the last
+  micro-batch's backward (``no_sync`` before it), so every rank steps to the same weights;
+- **data**: rank r of W reads windows [r·b, (r+1)·b) of each global micro-batch of W·b
+  (``archlab.trainer``), the windows one process of batch W·b would read, in the same order;
+- **step metrics** are averaged over ranks (equal batches: the mean over the global batch);
+- **buffers a plugin tallies from its own batch** are summed over ranks after the backward and
+  before ``on_step_end``, when it declares them (``SumsAcrossRanks``); DDP runs with
+  ``forward_sync_buffers=False`` (rank 0's buffers are copied at construction only), so a buffer that
+  changes in training and is not declared drifts apart across ranks.
+
+Rank 0 alone evaluates, logs, plots and checkpoints (its full state is the whole state under DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from archlab.errors import ArchlabError, ConfigError
+from archlab.slots import SumsAcrossRanks, offering
+from archlab.step import OptimizerStep
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: rank ``rank`` of ``world_size``, training on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the ranks (every rank passes the same keys)."""
+        if self.world_size == 1:
+            return values
+        names = sorted(values)
+        summed = torch.tensor([values[k] for k in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        return {k: float(v) / self.world_size for k, v in zip(names, summed.tolist(), strict=True)}
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)  # nccl: through the current device, which is ours
+        return box[0]
+
+    def shared_dir(self, own: Path) -> Path:
+        """Rank 0's run dir on every rank. Each process resolves Hydra's ``${now:...}`` itself; a rank
+        whose own dir differs removes it when Hydra left it empty (its ranks write nothing there)."""
+        shared = Path(self.broadcast(str(own)))
+        if shared != own:
+            with contextlib.suppress(OSError):
+                own.rmdir()
+        return shared
+
+
+def _launched() -> bool:
+    """Whether this process was started by torchrun (or anything else that sets WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def _local_device(device: torch.device) -> torch.device:
+    """``device`` for this process: an accelerator's index is torchrun's LOCAL_RANK."""
+    if device.type == "cpu" or not _launched():
+        return device
+    return torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
+    """The ranks of a run of ``trainer.parallel``: joins (and finally leaves) torch.distributed's process
+    group for ``ddp``, from torchrun's variables or, without them, as world size 1; ``none`` is one rank,
+    and refused under a torchrun of several processes (each would train the whole run on its own)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel == "none":
+        if world > 1:
+            raise ConfigError("trainer.parallel", parallel, f"ddp under torchrun (WORLD_SIZE={world})")
+        yield Ranks(device=device)
+        return
+    device = _local_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if _launched():
+        dist.init_process_group(backend, init_method="env://")
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
+
+
+def current(parallel: str, device: torch.device) -> Ranks:
+    """The ranks a ``Trainer`` of ``trainer.parallel`` trains on: one for ``none`` (a teacher trained inside
+    a DDP run included); for ``ddp``, the process group that ``process_group`` joined."""
+    if parallel == "none":
+        return Ranks(device=device)
+    if not dist.is_initialized():
+        raise ArchlabError(
+            "trainer.parallel=ddp needs torch.distributed's process group: train through `archlab train` "
+            "(under torchrun for several processes) or inside archlab.distributed.process_group()"
+        )
+    return Ranks(dist.get_rank(), dist.get_world_size(), _local_device(device))
+
+
+class DataParallelStep(OptimizerStep):
+    """``OptimizerStep`` under DistributedDataParallel: gradients averaged over ranks in the last
+    micro-batch's backward, step metrics averaged and declared buffers (``SumsAcrossRanks``) summed."""
+
+    def __init__(self, model: nn.Module, *args, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        device = next(model.parameters()).device
+        self.ranks = Ranks(dist.get_rank(), dist.get_world_size(), device)
+        device_ids = None if device.type == "cpu" else [device.index]
+        self.forward = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        self.summed = [
+            module.get_buffer(name)
+            for module in offering(model.modules(), SumsAcrossRanks)
+            for name in module.rank_summed_buffers
+        ]
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.forward.no_sync()
+
+    def across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        for buffer in self.summed:
+            dist.all_reduce(buffer)
+        return self.ranks.mean(sums)
