@@ -148,7 +148,9 @@ def arm_result(arm: Arm, baseline: Arm, fit: LadderFit, noise: Noise, rng: np.ra
         fit.boot[rng.integers(0, len(fit.boot), MC_DRAWS)] if len(fit.boot) else np.repeat(point, MC_DRAWS, 0)
     )
     draws = anchored_density(rows, baseline.n, d + se * rng.standard_t(noise.dof, MC_DRAWS), arm.n)
-    lo, hi = (float(v) for v in np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    # "nearest": draws past the fitted floor are ∞, and interpolating between two ∞ gives NaN
+    qs = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2], method="nearest")
+    lo, hi = (float(v) for v in qs)
     return row | {
         "delta_bpb": d,
         "delta_bpb_lo": d - half,

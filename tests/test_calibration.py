@@ -109,6 +109,17 @@ def test_calibration_passes_on_a_clean_synthetic_study() -> None:
     assert c["seed_noise_bpb"] == pytest.approx(0.005, rel=0.6)
 
 
+def test_an_interval_reaching_past_the_fitted_floor_ends_at_infinity_not_nan() -> None:
+    """A student whose loss draws cross the floor E has ∞ among its density draws: hi is ∞."""
+    rng = np.random.default_rng(3)
+    fit, arms = synthetic_study(rng, seeds=2, sigma=0.01, students={"placebo": (N_BASE, true_loss(N_BASE))})
+    gap = true_loss(N_BASE) - E
+    near_floor = Arm("floor", "student", (0, 1), tuple(b - gap + 0.005 for b in arms[0].bpb), N_BASE, N_BASE)
+    row = next(r for r in calibrate([*arms, near_floor], fit)["students"] if r["name"] == "floor")
+    assert row["density_hi"] == math.inf and not math.isnan(row["density_lo"])
+    assert row["verdict"] in ("denser", "no detectable difference")
+
+
 SIGMA = 0.03  # per-run seed noise of the order measured at the studies' budgets
 N_SMALL = 0.7 * N_BASE
 TRUE_RHO = 0.9 * N_BASE / N_SMALL  # a student with 30 % fewer parameters worth 90 % of the baseline
