@@ -66,6 +66,13 @@ def run_info(cfg: DictConfig):
     )
 
 
+def parallel_job_num() -> int | None:
+    """The Hydra job's number in a multirun whose launcher runs jobs side by side (joblib), else None."""
+    hc = HydraConfig.get()
+    parallel = hc.mode == RunMode.MULTIRUN and hc.launcher._target_.endswith(".JoblibLauncher")
+    return hc.job.num if parallel else None
+
+
 def train_job(cfg: DictConfig) -> float:
     """One Hydra job: validate everything, train (on the ranks of ``trainer.parallel``, in rank 0's run
     dir), print where the results are (rank 0); returns val bpb."""
@@ -74,6 +81,7 @@ def train_job(cfg: DictConfig) -> float:
     from archlab.trainer import Trainer, resolve_device
 
     info = run_info(cfg)
+    cfg.trainer.device = distributed.sweep_device(cfg.trainer.device, parallel_job_num())
     try:
         validate(cfg)
         with distributed.process_group(cfg.trainer.parallel, resolve_device(cfg.trainer.device)) as ranks:
