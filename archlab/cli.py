@@ -118,9 +118,11 @@ def _train_app(cfg: DictConfig) -> float:
 def train(args: list[str]) -> None:
     """``archlab train``: Hydra's app, whose config errors reach ``main`` as exceptions (exit 2) rather
     than Hydra's own report and exit 1, which is left for a crash."""
+    from archlab import distributed
     from archlab.config import register_configs
 
     register_configs()
+    distributed.slurm_env()  # srun's tasks: their RANK before Hydra writes the run dir
     if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 alone writes the run dir
         args = [*args, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     sys.argv = ["archlab train", *args]

@@ -142,7 +142,8 @@ def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
     """The ranks of a run of ``trainer.parallel``: joins (and finally leaves) torch.distributed's process
     group for ``ddp``, from torchrun's variables or, without them, as world size 1; ``none`` is one rank,
     and refused under a torchrun of several processes (each would train the whole run on its own). A
-    SLURM step's variables are translated to torchrun's first (``slurm_env``)."""
+    SLURM step's variables are translated to torchrun's first (``slurm_env``, idempotent: ``archlab train``
+    calls it before Hydra too; a submitit task reaches this without ``archlab train``'s entry)."""
     slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none":
