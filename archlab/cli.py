@@ -66,6 +66,13 @@ def run_info(cfg: DictConfig):
     )
 
 
+def parallel_job_num() -> int | None:
+    """The Hydra job's number in a multirun whose launcher runs jobs side by side (joblib), else None."""
+    hc = HydraConfig.get()
+    parallel = hc.mode == RunMode.MULTIRUN and hc.launcher._target_.endswith(".JoblibLauncher")
+    return hc.job.num if parallel else None
+
+
 def train_job(cfg: DictConfig) -> float:
     """One Hydra job: validate everything, train (on the ranks of ``trainer.parallel``, in rank 0's run
     dir), print where the results are (rank 0); returns val bpb."""
@@ -74,6 +81,7 @@ def train_job(cfg: DictConfig) -> float:
     from archlab.trainer import Trainer, resolve_device
 
     info = run_info(cfg)
+    cfg.trainer.device = distributed.sweep_device(cfg.trainer.device, parallel_job_num())
     try:
         validate(cfg)
         with distributed.process_group(cfg.trainer.parallel, resolve_device(cfg.trainer.device)) as ranks:
@@ -110,9 +118,11 @@ def _train_app(cfg: DictConfig) -> float:
 def train(args: list[str]) -> None:
     """``archlab train``: Hydra's app, whose config errors reach ``main`` as exceptions (exit 2) rather
     than Hydra's own report and exit 1, which is left for a crash."""
+    from archlab import distributed
     from archlab.config import register_configs
 
     register_configs()
+    distributed.slurm_env()  # srun's tasks: their RANK before Hydra writes the run dir
     if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 alone writes the run dir
         args = [*args, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     sys.argv = ["archlab train", *args]

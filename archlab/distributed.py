@@ -2,8 +2,10 @@
 
 Under ``torchrun --nproc_per_node=N -m archlab.cli train ... trainer.parallel=ddp`` each process
 joins the group torchrun describes (env://: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
-over nccl on CUDA and gloo on CPU. Without torchrun's variables, ``ddp`` runs as world size 1 in
-this process (an in-process store): the same code path, nothing to launch.
+over nccl on CUDA and gloo on CPU. A SLURM step of several tasks (``srun``, or a
+``hydra/launcher=submitit_slurm`` job with ``tasks_per_node``) is one rank per task: its variables are
+translated to torchrun's (``slurm_env``). Without either, ``ddp`` runs as world size 1 in this process
+(an in-process store): the same code path, nothing to launch.
 
 What the ranks must agree on, and how they do:
 
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +80,51 @@ class Ranks:
         return shared
 
 
+#: One group of a SLURM node list: ``node07``, ``node[01-04,07]``, ``rack[1-2]-n[3-4]``.
+_NODE_GROUP = r"(?:[\w.\-]+|\[[\d,\-]+\])+"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``node[01-04,07],gpu1`` gives ``node01``, ``a,b`` gives ``a``."""
+    if not re.fullmatch(rf"{_NODE_GROUP}(?:,{_NODE_GROUP})*", nodelist):
+        raise ConfigError("SLURM_JOB_NODELIST", nodelist, "a SLURM node list such as node[01-04] or a,b")
+    return re.sub(r"\[(\d+)[^\]]*\]", r"\1", re.match(_NODE_GROUP, nodelist)[0])  # each range's first
+
+
+def slurm_env(env: MutableMapping[str, str] = os.environ) -> None:
+    """Sets torchrun's env:// variables in ``env`` from a SLURM step of several tasks, one rank per task:
+    SLURM_PROCID → RANK, SLURM_NTASKS → WORLD_SIZE, SLURM_LOCALID → LOCAL_RANK, the node list's first
+    host → MASTER_ADDR, SLURM_JOB_ID → MASTER_PORT (in [20000, 60000), the same on every task of the
+    job). Torchrun's variables win: nothing is set under WORLD_SIZE, and a MASTER_* already set stays.
+
+    NOTE: SLURM_NTASKS is the job's task count in a batch script too, outside ``srun``: a plain
+    ``archlab train`` there is rank 0 of ranks that never start (``ddp`` waits for them, ``none`` is
+    refused). Start it with ``srun``, or through submitit, which runs one process per task."""
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return
+    try:
+        port = 20000 + int(env["SLURM_JOB_ID"]) % 40000
+    except (KeyError, ValueError):
+        raise ConfigError(
+            "SLURM_JOB_ID", env.get("SLURM_JOB_ID"), "the job's number, as SLURM sets it"
+        ) from None
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "")))
+    env.setdefault("MASTER_PORT", str(port))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+
+
+def sweep_device(name: str, job_num: int | None) -> str:
+    """``trainer.device`` for job ``job_num`` of a launcher that runs jobs side by side (joblib): on a
+    machine of several GPUs, ``auto`` or ``cuda`` becomes ``cuda:<job_num mod the GPU count>``, so
+    concurrent jobs spread over the GPUs (``CUDA_VISIBLE_DEVICES`` is the pool they are drawn from).
+    ``name`` is kept for one GPU, a device of its own (``cuda:N``, ``cpu``), a sequential launcher
+    (``job_num`` None) and the ranks of torchrun or SLURM (LOCAL_RANK picks their GPU)."""
+    if job_num is None or _launched() or name not in ("auto", "cuda") or not torch.cuda.is_available():
+        return name
+    count = torch.cuda.device_count()
+    return f"cuda:{job_num % count}" if count > 1 else name
+
+
 def _launched() -> bool:
     """Whether this process was started by torchrun (or anything else that sets WORLD_SIZE)."""
     return "WORLD_SIZE" in os.environ
@@ -93,11 +141,16 @@ def _local_device(device: torch.device) -> torch.device:
 def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
     """The ranks of a run of ``trainer.parallel``: joins (and finally leaves) torch.distributed's process
     group for ``ddp``, from torchrun's variables or, without them, as world size 1; ``none`` is one rank,
-    and refused under a torchrun of several processes (each would train the whole run on its own)."""
+    and refused under a torchrun of several processes (each would train the whole run on its own). A
+    SLURM step's variables are translated to torchrun's first (``slurm_env``, idempotent: ``archlab train``
+    calls it before Hydra too; a submitit task reaches this without ``archlab train``'s entry)."""
+    slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none":
         if world > 1:
-            raise ConfigError("trainer.parallel", parallel, f"ddp under torchrun (WORLD_SIZE={world})")
+            raise ConfigError(
+                "trainer.parallel", parallel, f"ddp under torchrun or SLURM tasks (WORLD_SIZE={world})"
+            )
         yield Ranks(device=device)
         return
     device = _local_device(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,13 +69,46 @@ def reference(tmp_path_factory, tiny_overrides) -> list[dict]:
     return train_in_process(run_dir, *tiny_overrides, *RUN, "trainer.batch_size=16")
 
 
-def test_two_processes_of_batch_8_follow_one_of_batch_16(tmp_path, cli_env, tiny_overrides, reference):
+def slurm_tasks(*args: str, cwd: Path, env: dict[str, str]) -> None:
+    """``python ARGS`` as the 2 tasks of one SLURM job on this host (what ``srun`` or submitit starts):
+    SLURM_* variables only, no torchrun, one thread each; the job's number gives a free MASTER_PORT."""
+    while (port := free_port()) >= 60000:  # archlab's port is 20000 + SLURM_JOB_ID mod 40000
+        pass
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(port - 20000), "SLURM_JOB_NODELIST": "localhost"}
+    env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    logs = [cwd / f"task{rank}.log" for rank in range(2)]
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            env={**env, **job, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "OMP_NUM_THREADS": "1"},
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for rank, log in enumerate(logs)
+    ]
+    for task, log in zip(tasks, logs, strict=True):
+        assert task.wait(timeout=120) == 0, log.read_text()[-3000:]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_processes_of_batch_8_follow_one_of_batch_16(
+    launcher, tmp_path, cli_env, tiny_overrides, reference
+):
     # a run dir each process resolves differently, as Hydra's ${now:...} may (one second apart)
-    per_process_dir = "hydra.run.dir=outputs/rank${oc.env:RANK}"
-    torchrun(
+    rank = "RANK" if launcher == "torchrun" else "SLURM_PROCID"  # RANK is archlab's to set under SLURM
+    args = (
         "-m", "archlab.cli", "train", *tiny_overrides, *RUN, "trainer.batch_size=8", "trainer.parallel=ddp",
-        per_process_dir, cwd=tmp_path, env=cli_env,
+        f"hydra.run.dir=outputs/rank${{oc.env:{rank}}}",
     )  # fmt: skip
+    (torchrun if launcher == "torchrun" else slurm_tasks)(*args, cwd=tmp_path, env=cli_env)
     run_dir = tmp_path / "outputs" / "rank0"
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["rank0"], "one run, one run dir"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -129,7 +163,7 @@ def test_parallel_must_be_none_or_ddp(capsys, tiny_overrides, tmp_path):
 
 def test_parallel_none_under_a_torchrun_of_two_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    refused = pytest.raises(ConfigError, match="trainer.parallel.*ddp under torchrun")
+    refused = pytest.raises(ConfigError, match="trainer.parallel.*ddp under torchrun or SLURM")
     with refused, distributed.process_group("none", torch.device("cpu")):
         pass
 
@@ -141,3 +175,85 @@ def test_a_resume_at_another_world_size_is_refused(tmp_path, make_trainer):
     resumed.ranks = dataclasses.replace(resumed.ranks, world_size=2)  # as a torchrun of 2 would have it
     with pytest.raises(ResumeError, match="trained on 1 process.*this run has 2.*not built yet"):
         resumed.run()
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("node07", "node07"), ("a,b", "a"), ("node[01-04]", "node01"), ("gpu[3,5-7],cpu1", "gpu3"),
+     ("rack[2-3]-n[08-09]", "rack2-n08")],
+)  # fmt: skip
+def test_first_host_of_a_slurm_node_list(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "node[01-04", ",a"])
+def test_a_malformed_node_list_is_a_config_error(nodelist):
+    with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST.*node\\[01-04\\] or a,b"):
+        distributed.first_host(nodelist)
+
+
+SLURM_TASK = {
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "gpu[12-13]",
+}
+
+
+def test_slurm_tasks_become_torchrun_ranks():
+    env = dict(SLURM_TASK)
+    distributed.slurm_env(env)
+    got = {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    assert got == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu12",
+        "MASTER_PORT": "23456",
+    }
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"WORLD_SIZE": "2"}, {"SLURM_NTASKS": "1"}, {"MASTER_ADDR": "head", "MASTER_PORT": "29500"}],
+)
+def test_torchrun_wins_and_one_task_is_left_alone(given):
+    env = {**SLURM_TASK, **given}
+    distributed.slurm_env(env)
+    if "MASTER_ADDR" in given:  # set by hand: kept, the ranks still from SLURM
+        assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"]) == ("head", "29500", "5")
+    else:
+        assert env == {**SLURM_TASK, **given}, "torchrun's variables (or one task) must be left as they are"
+
+
+def test_slurm_tasks_without_a_job_id_are_a_config_error():
+    env = {k: v for k, v in SLURM_TASK.items() if k != "SLURM_JOB_ID"}
+    with pytest.raises(ConfigError, match="SLURM_JOB_ID=None"):
+        distributed.slurm_env(env)
+
+
+@pytest.mark.parametrize(
+    ("name", "job_num", "gpus", "device"),
+    [
+        ("auto", 5, 4, "cuda:1"),  # job 5 of a parallel sweep on 4 GPUs
+        ("cuda", 2, 4, "cuda:2"),
+        ("cuda:3", 0, 4, "cuda:3"),  # a device of its own is kept
+        ("cpu", 1, 4, "cpu"),
+        ("auto", None, 4, "auto"),  # a sequential launcher: every job may use the same GPU
+        ("auto", 5, 1, "auto"),
+        ("auto", 5, 0, "auto"),  # no CUDA
+    ],
+)
+def test_parallel_sweep_jobs_are_pinned_to_their_own_gpu(monkeypatch, name, job_num, gpus, device):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert distributed.sweep_device(name, job_num) == device
+
+
+def test_ranks_of_torchrun_or_slurm_are_not_pinned_by_the_job_number(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.sweep_device("auto", 3) == "auto"

@@ -25,6 +25,7 @@ from archlab.model import build_student
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 NAMES = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+LOCAL = [n for n in NAMES if n != "slurm_ddp"]  # slurm_ddp submits to SLURM (srun): composed only
 TOLERANCE = 0.02
 TINY = (
     "trainer.max_steps=1",
@@ -151,7 +152,7 @@ def test_ladder_is_dense_geometric_and_trained_like_the_students() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOCAL)
 def test_sweep_launches_every_job(name: str, run_cli, tmp_path: Path) -> None:
     jobs = sweep_jobs(name)
     result = run_cli("train", "--config-dir", str(SWEEPS), "--config-name", name, *TINY, timeout=600)
@@ -166,3 +167,11 @@ def test_sweep_launches_every_job(name: str, run_cli, tmp_path: Path) -> None:
         assert summary["train/steps"] == 1 and summary["val/bpb"] > 0
         overrides = yaml.safe_load((path.parent / ".hydra" / "overrides.yaml").read_text())
         assert set(jobs[i]) <= set(overrides), (jobs[i], overrides)
+
+
+def test_slurm_ddp_sweep_runs_each_job_as_one_ddp_run_of_four_gpus() -> None:
+    cfg = compose_sweep("slurm_ddp", ["ffn=gelu"], hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4, "one GPU per rank"
+    assert (cfg.trainer.parallel, cfg.trainer.device) == ("ddp", "cuda")
