@@ -68,6 +68,8 @@ class TrainerConfig:
     # none | ddp: DistributedDataParallel over torchrun's processes (archlab.distributed); batch_size and
     # grad_accum are per process, so the global batch is batch_size × grad_accum × world size
     parallel: str = "none"
+    # run the student under torch.compile (its module compiled in place: checkpoints keep eager names)
+    compile: bool = False
     eval_every: int = 100
     eval_tokens: int = 131072
     log_every: int = 10

@@ -45,6 +45,7 @@ FREE = (
     "trainer.init_from",
     "trainer.progress",
     "trainer.device",
+    "trainer.compile",  # the same model and step, compiled or not (up to float rounding)
     "trainer.log_every",
     "trainer.eval_every",
     "trainer.eval_tokens",

@@ -261,6 +261,10 @@ class Trainer:
             cfg.model.attention_backend, self.device, self.compute_dtype, self.model.dims.head_dim
         )
         log.info("attention kernel: %s (%s)", self.model.kernel.name, self.model.kernel.reason)
+        if self.t.compile:
+            # NOTE: in place (nn.Module.compile), not torch.compile(model): a wrapper would prefix every
+            # state-dict key with `_orig_mod.`, and checkpoints, resume and export read the eager names
+            self.model.compile()
         objective, objective_cfg = registry.configured("objective", cfg.objective)
         self.objective = objective(objective_cfg)
         n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)

@@ -24,10 +24,18 @@ What is measured
     attention at full context) and is printed next to this machine's float32 matmul
     peak, measured in the same run with a large ``torch.mm``.
 
+    With ``--compile`` a third variant joins the same interleaved repeats: a copy of the
+    student (same weights) compiled in place as ``trainer.compile=true`` does it, its step
+    otherwise the archlab one. Its first loss must equal the eager student's to 1e-4
+    (relative); the compile itself happens in the warmup. The speedup plain/compiled
+    (target: >= 1.10) is printed as the median of per-repeat ratios and as the ratio of the
+    fastest steps.
+
 How to run
     python benchmarks/step_overhead.py                       # tiny preset, CPU, ~1 minute on 2 cores
     python benchmarks/step_overhead.py --model small --batch-size 4 --steps 10
     python benchmarks/step_overhead.py --override model.d_model=256 --json results.json
+    python benchmarks/step_overhead.py --compile             # + the compiled student, side by side
 
 The exit code is 0 whatever the ratio; the last line says whether the target was met.
 """
@@ -35,6 +43,7 @@ The exit code is 0 whatever the ratio; the last line says whether the target was
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import math
 import statistics
@@ -59,6 +68,9 @@ from archlab.trainer import make_optimizer
 LAYER_SLOTS = ("attention", "ffn")  # each layer's sublayers with memory=none (archlab.slots order)
 
 TARGET_RATIO = 1.05
+#: The compiled student's step against the hand-written eager one (plain / compiled).
+TARGET_COMPILE_SPEEDUP = 1.10
+COMPILED_LOSS_RTOL = 1e-4
 LOGITS_ATOL = 1e-5
 #: Median / fastest step above which the report warns that the machine was busy.
 NOISY_SPREAD = 1.3
@@ -300,6 +312,19 @@ def plain_step_fn(t: TrainerConfig, plain: PlainGPT) -> StepFn:
     return step
 
 
+def compiled_step_fn(cfg: DictConfig, student: Student, x: Tensor, y: Tensor) -> tuple[StepFn, dict]:
+    """The archlab step of a compiled copy of ``student`` (weights as they are now), and the check that
+    its first step's loss equals the eager student's on (x, y); neither student is stepped by it."""
+    eager, compiled = copy.deepcopy(student), copy.deepcopy(student)
+    compiled.compile()  # in place, as trainer.compile=true
+    step = archlab_step_fn(cfg, compiled)
+    want, got = float(archlab_step_fn(cfg, eager)(x, y)), float(step(x, y))
+    rel = abs(got - want) / abs(want)
+    if rel > COMPILED_LOSS_RTOL:
+        raise AssertionError(f"compiled loss {got:.6g} differs from eager {want:.6g} (relative {rel:.1e})")
+    return step, {"compiled_loss_rel_diff": rel, "compiled_rtol": COMPILED_LOSS_RTOL}
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -333,6 +358,19 @@ def summarise(setup: Setup, times: dict, peak: float, args: argparse.Namespace) 
             "peak_fraction": flops_per_step / median / 1e9 / peak,
         }
     paired = statistics.median(a / p for a, p in zip(times["archlab"], times["plain"], strict=True))
+    compiled = {}
+    if "compiled" in times:
+        speedup = statistics.median(p / c for p, c in zip(times["plain"], times["compiled"], strict=True))
+        compiled = {
+            "compiled": rows["compiled"],
+            "compile_speedup": speedup,
+            "compile_speedup_min": min(times["plain"]) / min(times["compiled"]),
+            "compile_speedup_over_archlab": statistics.median(
+                a / c for a, c in zip(times["archlab"], times["compiled"], strict=True)
+            ),
+            "target_compile_speedup": TARGET_COMPILE_SPEEDUP,
+            "compile_target_met": speedup >= TARGET_COMPILE_SPEEDUP,
+        }
     return {
         "model": args.model,
         "overrides": list(args.override),
@@ -354,6 +392,7 @@ def summarise(setup: Setup, times: dict, peak: float, args: argparse.Namespace) 
         "matmul_size": args.peak_size,
         "target_ratio": TARGET_RATIO,
         "target_met": paired <= TARGET_RATIO,
+        **compiled,
         "step_times_s": times,
     }
 
@@ -371,7 +410,9 @@ def format_report(r: dict) -> str:
         "",
         f"  {'':<10}{'ms/step':>10}{'min ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'of peak':>9}",
     ]
-    for name in ("archlab", "plain"):
+    for name in ("archlab", "plain", "compiled"):
+        if name not in r:
+            continue
         row = r[name]
         lines.append(
             f"  {name:<10}{row['ms_per_step']:>10.1f}{row['ms_min']:>10.1f}{row['tokens_per_s']:>12,.0f}"
@@ -392,6 +433,15 @@ def format_report(r: dict) -> str:
             f"  note: the median step is {spread:.1f}x the fastest one: other load on this machine?"
             " The per-repeat ratio cancels load that slows both steps of a repeat; the medians do not.",
         )
+    if "compiled" in r:
+        lines += [
+            f"  speedup plain/compiled: {r['compile_speedup']:.3f} (median of per-repeat ratios;"
+            f" fastest steps {r['compile_speedup_min']:.3f}); archlab/compiled"
+            f" {r['compile_speedup_over_archlab']:.3f}; first loss within"
+            f" {r['equivalence']['compiled_loss_rel_diff']:.1e} of eager",
+            f"  target speedup >= {r['target_compile_speedup']}:"
+            f" {'met' if r['compile_target_met'] else 'NOT met'}",
+        ]
     return "\n".join(lines)
 
 
@@ -403,7 +453,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
     p.add_argument("--override", nargs="*", action="extend", default=[], help="Hydra overrides")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul peak probe")
-    return parse_step_args(p, argv, steps=40, warmup=3)
+    p.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
+    args = parse_step_args(p, argv, steps=40, warmup=3)
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the compile happens in the warmup)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -416,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "archlab": archlab_step_fn(setup.cfg, setup.student),
         "plain": plain_step_fn(OmegaConf.to_object(setup.cfg.trainer), setup.plain),
     }
+    if args.compile:
+        steps["compiled"], checked = compiled_step_fn(setup.cfg, setup.student, setup.x, setup.y)
+        setup.equivalence.update(checked)
     times = interleaved(
         {n: functools.partial(f, setup.x, setup.y) for n, f in steps.items()}, args.steps, args.warmup
     )

@@ -57,3 +57,18 @@ def test_equivalence_check_catches_a_different_model(bench):
         setup.plain.blocks[0].up.weight[0, 0] += 1.0
     with pytest.raises(AssertionError, match="logits"):
         bench.check_equivalence(setup.student, setup.plain, setup.x)
+
+
+@pytest.mark.slow  # one torch.compile of the tiny student: tens of seconds on 2 CPU cores
+def test_compile_adds_the_compiled_student_side_by_side(bench, capsys):
+    results = bench.main([*TINY, "--compile"])
+
+    assert results["compiled"]["ms_per_step"] > 0 and results["compile_speedup"] > 0
+    assert results["equivalence"]["compiled_loss_rel_diff"] <= bench.COMPILED_LOSS_RTOL
+    assert len(results["step_times_s"]["compiled"]) == 2
+    assert "speedup plain/compiled" in capsys.readouterr().out
+
+
+def test_compile_needs_a_warmup_step(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY, "--compile", "--warmup", "0"])

@@ -179,3 +179,22 @@ def test_modules_get_a_hook_after_each_optimizer_step(tmp_path, make_trainer) ->
     trainer.update.hooks = [ffn]
     trainer.train_step(), trainer.train_step()
     assert calls == [1.0, 2.0]  # once per step (not per micro-batch), after the optimizer's update
+
+
+@pytest.mark.slow  # two torch.compile runs: about a minute on 2 CPU cores
+def test_compiled_training_matches_eager_and_checkpoints_load_both_ways(tmp_path, make_trainer) -> None:
+    from safetensors.torch import load_file
+
+    steps = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=100", "trainer.ckpt_every=2"]
+    make_trainer(tmp_path / "eager", *steps).run()
+    make_trainer(tmp_path / "compiled", *steps, "trainer.compile=true").run()
+    eager = losses(tmp_path / "eager")
+    assert len(eager) == 4 and losses(tmp_path / "compiled") == pytest.approx(eager, rel=1e-4)
+    from_compiled = tmp_path / "compiled" / "checkpoints" / "step_00000002"
+    assert not [k for k in load_file(str(from_compiled / "model.safetensors")) if "_orig_mod" in k]
+    make_trainer(tmp_path / "eager_resumed", *steps, f"trainer.resume={from_compiled}").run()
+    assert losses(tmp_path / "eager_resumed") == pytest.approx({3: eager[3], 4: eager[4]}, rel=1e-4)
+    compiled = make_trainer(tmp_path / "compiled_resumed", *steps, "trainer.compile=true")
+    compiled.restore(tmp_path / "eager" / "checkpoints" / "step_00000002")
+    resumed = [compiled.train_step()["train/loss"] for _ in range(2)]
+    assert resumed == pytest.approx([eager[3], eager[4]], rel=1e-4)
