@@ -49,6 +49,11 @@ class Ranks:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
+    @classmethod
+    def joined(cls, device: torch.device) -> Ranks:
+        """This process's place in the process group it has joined, training on ``device``."""
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -162,7 +167,7 @@ def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        yield Ranks(dist.get_rank(), dist.get_world_size(), device)
+        yield Ranks.joined(device)
     finally:
         dist.destroy_process_group()
 
@@ -177,7 +182,7 @@ def current(parallel: str, device: torch.device) -> Ranks:
             "trainer.parallel=ddp needs torch.distributed's process group: train through `archlab train` "
             "(under torchrun for several processes) or inside archlab.distributed.process_group()"
         )
-    return Ranks(dist.get_rank(), dist.get_world_size(), _local_device(device))
+    return Ranks.joined(_local_device(device))
 
 
 class DataParallelStep(OptimizerStep):
@@ -187,7 +192,7 @@ class DataParallelStep(OptimizerStep):
     def __init__(self, model: nn.Module, *args, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
         device = next(model.parameters()).device
-        self.ranks = Ranks(dist.get_rank(), dist.get_world_size(), device)
+        self.ranks = Ranks.joined(device)
         device_ids = None if device.type == "cpu" else [device.index]
         self.forward = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
         self.summed = [
