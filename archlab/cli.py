@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archlab: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except (HydraException, OmegaConfBaseException) as exc:  # a config that does not compose
-        print(f"archlab: error: {_one_line(exc)}", file=sys.stderr)
+        from archlab import typos
+
+        print(f"archlab: error: {typos.hint(exc, rest) or _one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # a read-only run dir, cache dir or --out
         if exc.errno not in NOT_WRITABLE:
