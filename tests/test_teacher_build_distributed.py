@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 BUILD = ("-m", "archlab.cli", "teacher", "build")
 # 5 steps x batch 4 = 20 train windows, 2048 / 32 = 64 val windows, in batches of 3: 7 and 22 batches
 RUN = (
@@ -104,6 +105,18 @@ def test_two_ranks_build_the_cache_one_process_builds(teacher, overrides, tmp_pa
     meta = json.loads((b / "meta.json").read_text())
     assert (meta["train_windows"], meta["val_windows"]) == (20, 64)
     assert not list((tmp_path / "two" / "soft_targets").glob(".tmp-*")), "a temporary dir is left"
+
+
+def test_a_ddp_training_run_shares_the_build_of_its_missing_cache(overrides, tmp_path, cli_env):
+    (tmp_path / "cache").mkdir()
+    args = [*overrides, *TEACHERS["ngram"], "trainer.parallel=ddp", "trainer.max_steps=2"]
+    args += [f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = run(torchrun("-m", "archlab.cli", "train", *args), tmp_path, cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 2 steps x batch 4 x 2 ranks = 16 train windows in 6 batches of 3
+    split = "soft targets: 2 ranks fill train windows [0, 9) [9, 16) and val windows [0, 33) [33, 64)"
+    assert split in (tmp_path / "run" / "train.log").read_text()
+    assert json.loads((built(tmp_path / "cache") / "meta.json").read_text())["train_windows"] == 16
 
 
 def test_two_ranks_find_a_published_cache(overrides, tmp_path, cli_env):
