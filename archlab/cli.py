@@ -164,7 +164,8 @@ def teacher(args: list[str]) -> int:
     if cfg.teacher.plugin == "none":
         raise ConfigError("teacher", "none", "a teacher plugin to build, e.g. teacher=ngram")
     t = OmegaConf.to_object(cfg.trainer)
-    with distributed.process_group("ddp", resolve_device(t.device)) as ranks:
+    parallel = "ddp" if "WORLD_SIZE" in os.environ else "none"  # one process joins no group
+    with distributed.process_group(parallel, resolve_device(t.device)) as ranks:
         split = load_split(cfg)
         log.info(split.report())
         _, objective_cfg = registry.configured("objective", cfg.objective)

@@ -215,7 +215,7 @@ class _Crew:
 
     def tell(self, word: tuple[str, str] | None = None) -> tuple[str, str]:
         """Rank 0's ``word`` on every rank: ("build", temp dir), ("ready", "") or ("failed", why)."""
-        self.listening = word is not None and word[0] != "build"
+        self.listening = False  # they fill, or are done, until a gather hands them back to rank 0
         if self.size == 1:
             return word
         box = [word]
