@@ -1,9 +1,10 @@
 """``archlab teacher build`` under torchrun (issue 20): the ranks share the soft-target build.
 
-Two CPU processes (gloo) build a cache byte-identical to the one-process build, every ``.bin`` file
-and meta.json, for the n-gram teacher and a small trained teacher, over windows that do not split
-evenly (7 train and 22 val batches of 3 windows); a rank that fails leaves no published cache and
-no rank hangs. The builds run as subprocesses, one thread each, so both sides round alike."""
+Two CPU processes (gloo; torchrun, or 2 SLURM tasks) build a cache byte-identical to the
+one-process build, every ``.bin`` file and meta.json, for the n-gram teacher and a small trained
+teacher, over windows that do not split evenly (7 train and 22 val batches of 3 windows); a DDP
+training run shares the build of its missing cache; a rank that fails leaves no published cache
+and no rank hangs. The builds run as subprocesses, one thread each, so both sides round alike."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_distributed import slurm_tasks
 
 pytestmark = pytest.mark.slow
 BUILD = ("-m", "archlab.cli", "teacher", "build")
@@ -86,16 +89,28 @@ def overrides(tiny_overrides) -> list[str]:
     return [o for o in tiny_overrides if not o.startswith("data.cache_dir=")] + list(RUN)
 
 
-@pytest.mark.parametrize("teacher", TEACHERS)
-def test_two_ranks_build_the_cache_one_process_builds(teacher, overrides, tmp_path, cli_env):
+def two_ranks(launcher: str, args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """What 2 ranks of ``archlab teacher build ARGS`` print (stdout and stderr), started by ``launcher``:
+    torchrun, or as the 2 tasks of a SLURM job (``tests/test_distributed.py``'s ``slurm_tasks``)."""
+    if launcher == "slurm":
+        slurm_tasks(*BUILD, *args, cwd=cwd, env=env)
+        return "".join((cwd / f"task{rank}.log").read_text() for rank in range(2))
+    done = run(torchrun(*BUILD, *args), cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("teacher", "launcher"), [("ngram", "torchrun"), ("trained", "torchrun"), ("ngram", "slurm")]
+)
+def test_two_ranks_build_the_cache_one_process_builds(teacher, launcher, overrides, tmp_path, cli_env):
     args = [*overrides, *TEACHERS[teacher]]
     one = run([sys.executable, *BUILD, *args, f"data.cache_dir={tmp_path / 'one'}"], tmp_path, cli_env)
     assert one.returncode == 0, one.stderr[-3000:]
     corpus_only(tmp_path / "one", tmp_path / "two")
-    two = run(torchrun(*BUILD, *args, f"data.cache_dir={tmp_path / 'two'}"), tmp_path, cli_env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert SPLIT in two.stderr, two.stderr[-3000:]
-    assert two.stdout.count("soft targets (20 train windows") == 1, "rank 0 alone reports"
+    printed = two_ranks(launcher, [*args, f"data.cache_dir={tmp_path / 'two'}"], tmp_path, cli_env)
+    assert SPLIT in printed, printed[-3000:]
+    assert printed.count("soft targets (20 train windows") == 1, "rank 0 alone reports"
     a, b = built(tmp_path / "one"), built(tmp_path / "two")
     assert a.name == b.name, "the same cache key"
     names = sorted(p.name for p in a.iterdir())
