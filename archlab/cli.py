@@ -138,29 +138,40 @@ def train(args: list[str]) -> None:
 
 
 def teacher(args: list[str]) -> int:
-    """``archlab teacher build [OVERRIDES]``: prepare the configured teacher and its soft-target cache."""
+    """``archlab teacher build [OVERRIDES]``: prepare the configured teacher and its soft-target cache.
+
+    Under torchrun (or the tasks of a SLURM step) the ranks share the build: each prepares the teacher
+    and fills its share of the windows, rank 0 publishes (``archlab.soft_targets``) and alone prints.
+    The cache covers the run the overrides describe on one process, whatever the build's world size."""
     parser = argparse.ArgumentParser(
         prog="archlab teacher",
         description="Build (or find) the shared teacher and its soft targets for the run the overrides "
-        "describe, so that later runs and sweeps only read them.",
+        "describe, so that later runs and sweeps only read them; under torchrun the ranks share the build.",
     )
     parser.add_argument("action", choices=["build"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `archlab train`")
     opts = parser.parse_args(args)
+    from archlab import distributed
     from archlab.config import compose, validate
     from archlab.trainer import load_split, resolve_device, soft_targets_for
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    distributed.slurm_env()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    level = logging.INFO if main_rank else logging.WARNING  # one rank's log, each rank's warnings
+    logging.basicConfig(level=level, format="[%(asctime)s][%(name)s] %(message)s")
     cfg = compose(opts.overrides)
     validate(cfg)
     if cfg.teacher.plugin == "none":
         raise ConfigError("teacher", "none", "a teacher plugin to build, e.g. teacher=ngram")
     t = OmegaConf.to_object(cfg.trainer)
-    device = resolve_device(t.device)
-    split = load_split(cfg)
-    log.info(split.report())
-    _, objective_cfg = registry.configured("objective", cfg.objective)
-    targets = soft_targets_for(cfg, split, device, t, objective_cfg)
+    parallel = "ddp" if "WORLD_SIZE" in os.environ else "none"  # one process joins no group
+    with distributed.process_group(parallel, resolve_device(t.device)) as ranks:
+        split = load_split(cfg)
+        log.info(split.report())
+        _, objective_cfg = registry.configured("objective", cfg.objective)
+        targets = soft_targets_for(cfg, split, ranks.device, t, objective_cfg, builders=ranks)
+    if not ranks.is_main:
+        return 0
     print(f"teacher {cfg.teacher.plugin}: val bpb {targets.meta['teacher_val_bpb']:.4f}")
     print(
         f"soft targets ({targets.meta['train_windows']} train windows, top {targets.meta['top_k']}): "
