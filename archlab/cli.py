@@ -375,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (HydraException, OmegaConfBaseException) as exc:  # a config that does not compose
         from archlab import typos
+        from archlab.config import compose
 
-        print(f"archlab: error: {typos.hint(exc, rest) or _one_line(exc)}", file=sys.stderr)
+        print(f"archlab: error: {typos.hint(exc, rest, compose) or _one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # a read-only run dir, cache dir or --out
         if exc.errno not in NOT_WRITABLE:

@@ -9,10 +9,12 @@ prints Hydra's own line instead.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+Compose = Callable[[list[str]], DictConfig]
 
 # "Could not find 'attention/mlq'\n\nAvailable options in 'attention':\n\tmha\n\tmla\n"
 _MISSING_OPTION = re.compile(
@@ -22,23 +24,24 @@ _MISSING_OPTION = re.compile(
 )
 
 
-def hint(exc: Exception, overrides: Sequence[str]) -> str | None:
+def hint(exc: Exception, overrides: Sequence[str], compose: Compose) -> str | None:
     """One line naming what a mistyped override meant, or None when ``exc`` is not such an error.
 
-    ``overrides`` are the command's; a mistyped key is matched against the keys of the config the other
-    overrides compose (so ``ffn=moe ffn.routr=...`` is matched against the MoE's keys)."""
+    ``overrides`` are the command's; a mistyped key is matched against the keys of the config that
+    ``compose`` (``archlab.config.compose``) makes of the others (so ``ffn=moe ffn.routr=...`` is matched
+    against the MoE's keys)."""
     if m := _MISSING_OPTION.search(str(exc)):
         group, name, options = m["group"].replace("/", "."), m["name"], m["options"].split()
         return f"{group}={name}: {group} has no option {name!r}{nearest(name, options, 'available')}"
     cause = exc if isinstance(exc, ConfigAttributeError | ConfigKeyError) else exc.__cause__
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
-        return _unknown_key(cause.full_key, overrides)  # OmegaConf's full_key: the first missing part
+        return _unknown_key(cause.full_key, overrides, compose)  # full_key: the first part missing
     return None
 
 
-def _unknown_key(key: str, overrides: Sequence[str]) -> str:
+def _unknown_key(key: str, overrides: Sequence[str], compose: Compose) -> str:
     parent, _, name = key.rpartition(".")
-    cfg = _composed_without(key, overrides)
+    cfg = _composed_without(key, overrides, compose)
     node = OmegaConf.select(cfg, parent) if parent else cfg
     keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
     where = f"in {parent}" if parent else "at the top level"
@@ -68,10 +71,9 @@ def _edits(a: str, b: str) -> int:
     return row[-1]
 
 
-def _composed_without(key: str, overrides: Sequence[str]) -> DictConfig:
+def _composed_without(key: str, overrides: Sequence[str], compose: Compose) -> DictConfig:
     """The config of ``overrides`` less the one that set ``key`` or a key under it (or, if those fail
     too, the defaults)."""
-    from archlab.config import compose
 
     def sets(override: str) -> bool:
         name = override.lstrip("+~").split("=", 1)[0]
