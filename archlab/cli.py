@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -91,11 +92,7 @@ def train_job(cfg: DictConfig) -> float:
         print(f"archlab: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
-        print(
-            f"archlab: interrupted; the last checkpoint in {info.run_dir} is kept "
-            "(continue with trainer.resume=auto)",
-            file=sys.stderr,
-        )
+        print(f"archlab: {_interrupted(info.run_dir)}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     if not ranks.is_main:
         return float(summary["val/bpb"])
@@ -108,6 +105,23 @@ def train_job(cfg: DictConfig) -> float:
         + (", wandb/" if cfg.logger.backend.name == "wandb" else "")
     )
     return float(summary["val/bpb"])
+
+
+def _interrupted(run_dir: Path) -> str:
+    """What a Ctrl-C left: the step of the checkpoint kept, and the command that resumes from it."""
+    from archlab import checkpoint
+
+    try:
+        last = checkpoint.latest(run_dir)
+    except checkpoint.CheckpointError:
+        last = None
+    if last is None:
+        return f"interrupted before the first checkpoint; nothing to resume in {run_dir}"
+    overrides = [
+        o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "trainer.resume="))
+    ]
+    command = shlex.join(["archlab", "train", *overrides, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+    return f"interrupted; the checkpoint of step {checkpoint.step_of(last)} is kept; resume with: {command}"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
