@@ -29,6 +29,8 @@ commands:
   train [OVERRIDES]   train a student; Hydra overrides, e.g. attention=mha ffn=relu2
                       trainer.max_steps=20; -m for a multirun sweep; --help for the config
   plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
+  doctor              what this machine gives archlab (torch build, GPU, xformers, W&B, backends)
+                      and what to install for what is missing; exits 1 if something is broken
   generate CHECKPOINT --prompt TEXT [--temperature T --top-k K --top-p P]
                       [--draft [--draft-tree 4,2,1] [--compare]]
                       continue a prompt with a trained student (KV-cache decoding; --draft:
@@ -361,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "plugins":
             return plugins(rest)
+        if command == "doctor":
+            from archlab import doctor
+
+            return doctor.main(rest)
         if command == "teacher":
             return teacher(rest)
         if command == "generate":
