@@ -30,6 +30,7 @@ DENSITIES = (
 )
 MARGIN = 0.08  # of the data's span, on each side of an axis range
 VISIBLE = 0.004  # a band narrower than this fraction of the y range is hidden by the curve's line
+DECADES = 2  # how far the density bars' log axis reaches past the densities for their intervals' ends
 
 
 @dataclass
@@ -210,7 +211,7 @@ def density_bars(runs: list[Run]) -> Plot:
     for k, (key, _, label) in enumerate(DENSITIES):
         ax = plot.fig.add_subplot(3, 1, k + 1)
         panel = f"density {label}"
-        shown = [1.0]
+        values, ends = [1.0], []
         for i, r in enumerate(runs):
             d = r.density
             if not d or not np.isfinite(d[key]):
@@ -221,17 +222,21 @@ def density_bars(runs: list[Run]) -> Plot:
             (bar,) = ax.bar([i], [rho - 1.0], bottom=1.0, color="tab:blue", alpha=0.8)
             bar.set_hatch("//" if d["density/extrapolated"] else "")
             interval_mark(ax, i, rho, lo, hi, vertical=True)
-            shown += [v for v in (rho, lo, hi) if math.isfinite(v) and v > 0]
+            values.append(rho)
+            ends += [v for v in (lo, hi) if math.isfinite(v) and v > 0]
             plot.add(panel, f"#{i} {r.name}", i, rho, lo, hi)
         ax.axhline(1.0, color="black", ls="--", lw=0.8)
         ax.set_yscale("log")
-        ax.set_ylim(min(0.8, min(shown) / 1.3), max(1.25, max(shown) * 1.3))
+        # interval ends widen the axis up to DECADES past the values; a whisker beyond that leaves the plot
+        bottom = max(min([*values, *ends]), min(values) / 10**DECADES)
+        top = min(max([*values, *ends]), max(values) * 10**DECADES)
+        ax.set_ylim(min(0.8, bottom / 1.3), max(1.25, top * 1.3))
         ax.set_xticks(range(len(runs)), [f"#{i}" for i in range(len(runs))])
         ax.set_xlim(-0.6, len(runs) - 0.4)
         ax.set_ylabel("ρ (log scale)")
         ax.set_title(f"density {label}", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.set_xlabel("run (see the table); whisker: N_eff's 90% interval, arrow: unbounded above")
+    ax.set_xlabel("run (see the table); whisker: N_eff's 90% interval (cut at the axis edge), arrow: unbounded")
     plot.fig.suptitle("Capability density ρ = N_eff / denominator (dashed: ladder, 1; hatched: extrapolated)")
     return plot
 
