@@ -148,7 +148,10 @@ def write_report(
     header, rows = table(runs)
     note_lines = [*(extra_notes or []), *notes(runs, fit)]
     slots = set(varying_slots(runs))
-    common = ", ".join(f"{s}={p}" for s, p in sorted(runs[0].plugins.items()) if s not in slots)
+    shared = [f"{s}={p}" for s, p in sorted(runs[0].plugins.items()) if s not in slots]
+    if budget == "tokens" and "train/tokens" in runs[0].summary:  # check_shared made it every run's
+        shared.append(f"train/tokens={runs[0].summary['train/tokens']:,}")
+    common = ", ".join(shared)
     args = (title, fit, runs, figures, run_plots, header, rows, note_lines, common, study)
     durable.write_atomic(out / "report.md", _markdown(*args).encode())
     index = out / "index.html"

@@ -236,7 +236,9 @@ def density_bars(runs: list[Run]) -> Plot:
         ax.set_ylabel("ρ (log scale)")
         ax.set_title(f"density {label}", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.set_xlabel("run (see the table); whisker: N_eff's 90% interval (cut at the axis edge), arrow: unbounded")
+    ax.set_xlabel(
+        "run (see the table); whisker: N_eff's 90% interval (cut at the axis edge), arrow: unbounded"
+    )
     plot.fig.suptitle("Capability density ρ = N_eff / denominator (dashed: ladder, 1; hatched: extrapolated)")
     return plot
 
