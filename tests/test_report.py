@@ -585,6 +585,18 @@ def test_no_whisker_without_both_interval_ends(study_result, tmp_path) -> None:
     assert _whiskers(ax) == (2, 1, 1)  # control and student (the baseline is the reference)
 
 
+def test_the_forest_plot_shades_the_detectable_difference_only_when_known(study_result) -> None:
+    def shaded(study: dict) -> tuple[int, str]:
+        ax = calibration.forest_plot(study).fig.axes[0]
+        return len(ax.patches), ax.get_xlabel()  # axvspan's patch is the only one
+
+    count, label = shaded(study_result)
+    assert count == 1 and "shaded: ± minimum detectable Δ" in label
+    unknown = study_result | {"calibration": study_result["calibration"] | {"mde_bpb": math.nan}}
+    count, label = shaded(unknown)
+    assert count == 0 and "shaded" not in label
+
+
 def test_tokens_per_s_carries_the_load_caveat(written) -> None:
     runs, index = written
     assert "tokens/s (wall clock)" in table(runs)[0]

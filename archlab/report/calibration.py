@@ -132,8 +132,9 @@ def density_plot(study: dict) -> Plot:
         for v in (r["density"], r["density_lo"], r["density_hi"])
         if v and np.isfinite(v)
     ]
-    if finite:
-        ax.set_xlim(min(0.8, min(finite) / 1.2), max(1.25, max(finite) * 1.2))
+    if finite:  # room to the right for the arrow of an unbounded end
+        unbounded = any(r["density_hi"] == math.inf for r in study["students"])
+        ax.set_xlim(min(0.8, min(finite) / 1.2), max(1.25, max(finite) * (10 if unbounded else 1.2)))
     ax.set_xlabel("capability density ρ = N_eff / N (90 % interval, arrow: unbounded; log scale)")
     ax.set_title("Capability density against the baseline's ladder")
     return plot
