@@ -257,7 +257,7 @@ def check_shared(runs: list[Run], budget: str = "tokens") -> None:
             a, b = ref.get(key, UNSET), values.get(key, UNSET)
         else:
             own, slack = _budget(run, budget)
-            if abs(own - ref_budget) <= max(slack, ref_slack) or math.isnan(own) and math.isnan(ref_budget):
+            if abs(own - ref_budget) <= max(slack, ref_slack) or (math.isnan(own) and math.isnan(ref_budget)):
                 continue
             key = "train/tokens" if budget == "tokens" else "train/tokens × train_flops_per_token"
             a, b = (UNSET if math.isnan(v) else f"{v:.6g}" for v in (ref_budget, own))
