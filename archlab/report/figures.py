@@ -63,7 +63,7 @@ class Plot:
 
 def data_range(values: list[float], margin: float = MARGIN) -> tuple[float, float]:
     """(lo, hi) around the finite ``values`` with ``margin`` of their span on each side."""
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for v in values if math.isfinite(v)] or [0.0, 1.0]
     lo, hi = min(finite), max(finite)
     span = hi - lo or abs(hi) * 0.1 or 1.0
     return lo - margin * span, hi + margin * span
@@ -75,8 +75,10 @@ def _curve(plot: Plot, ax: Axes, panel: str, fit: LadderFit, x: tuple[float, flo
     n = np.geomspace(*x, 200)
     curve = fit.loss(n)
     band = None
-    if fit.n_sizes <= MIN_SIZES or not len(fit.boot):
+    if fit.n_sizes <= MIN_SIZES:
         why = f"no band: {fit.n_sizes} sizes for 3 parameters leave its spread unknown"
+    elif not len(fit.boot):
+        why = "no band: the fit has no bootstrap refits"
     else:
         e, a, alpha = fit.boot.T
         band = np.quantile(e[:, None] + a[:, None] * n[None, :] ** (-alpha[:, None]), [0.05, 0.95], axis=0)
