@@ -294,7 +294,7 @@ class Study:
         for problem in calibration_problems(study):
             self.say(f"CALIBRATION FAILED: {problem}")
         loaded = load_runs(list(runs.values()))
-        index = write_report(loaded, fit, self.out / "report", study=study)
+        index = write_report(loaded, fit, self.out / "report", study=study, budget=self.budget)
         self.say(f"report written ({len(rung_runs)} ladder runs, {len(runs)} runs in all) -> study.json")
         if self.wandb:
             from archlab.report.publish import publish_if_possible
