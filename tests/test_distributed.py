@@ -1,5 +1,6 @@
-"""trainer.parallel=ddp (archlab.distributed): N processes of batch b follow the curve of one process of
-batch N·b, write one run dir from rank 0, and agree on the MoE router's balancing biases.
+"""trainer.parallel=ddp|fsdp (archlab.distributed): N processes of batch b follow the curve of one process
+of batch N·b, write one run dir from rank 0, and agree on the MoE router's balancing biases; every
+first-party plugin trains under FSDP2; checkpoints resume at the same and at another world size.
 
 The multi-process cases spawn ``torchrun --standalone --nproc_per_node=2`` (gloo on CPU, one thread
 per process) as a subprocess; the reference and world-size-1 runs are ``archlab train`` in-process."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -18,9 +20,9 @@ import torch
 
 from archlab import checkpoint, cli, distributed
 from archlab.errors import ConfigError
-from archlab.resume import ResumeError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+PLUGINS_WORKER = Path(__file__).with_name("fsdp_plugins_worker.py")
 QUIET_HYDRA = ("hydra/job_logging=none", "hydra/hydra_logging=none")  # leave the session's logging be
 # a distilled run (the ngram teacher's soft targets must follow the windows), 2 micro-batches a step
 RUN = (
@@ -98,15 +100,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+@pytest.mark.parametrize(("launcher", "parallel"), [("torchrun", "ddp"), ("slurm", "ddp"), ("torchrun", "fsdp")])
 def test_two_processes_of_batch_8_follow_one_of_batch_16(
-    launcher, tmp_path, cli_env, tiny_overrides, reference
+    launcher, parallel, tmp_path, cli_env, tiny_overrides, reference
 ):
     # a run dir each process resolves differently, as Hydra's ${now:...} may (one second apart)
     rank = "RANK" if launcher == "torchrun" else "SLURM_PROCID"  # RANK is archlab's to set under SLURM
     args = (
-        "-m", "archlab.cli", "train", *tiny_overrides, *RUN, "trainer.batch_size=8", "trainer.parallel=ddp",
-        f"hydra.run.dir=outputs/rank${{oc.env:{rank}}}",
+        "-m", "archlab.cli", "train", *tiny_overrides, *RUN, "trainer.batch_size=8",
+        f"trainer.parallel={parallel}", f"hydra.run.dir=outputs/rank${{oc.env:{rank}}}",
     )  # fmt: skip
     (torchrun if launcher == "torchrun" else slurm_tasks)(*args, cwd=tmp_path, env=cli_env)
     run_dir = tmp_path / "outputs" / "rank0"
@@ -119,7 +121,10 @@ def test_two_processes_of_batch_8_follow_one_of_batch_16(
     assert summary["train/tokens"] == 4 * 16 * 2 * 32  # steps × global batch × grad_accum × context
     log = (run_dir / "train.log").read_text()
     assert log.count("teacher ngram: val bpb") == 1, "only rank 0 writes the log"
-    assert checkpoint.latest(run_dir).name == "step_00000004"
+    last = checkpoint.latest(run_dir)
+    assert last.name == "step_00000004" and checkpoint.is_sharded(last)
+    listed = json.loads((last / "manifest.json").read_text())["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "model.safetensors"} <= set(listed), sorted(listed)
 
 
 def test_ddp_without_torchrun_is_world_size_one(tmp_path, tiny_overrides, reference, monkeypatch):
@@ -150,31 +155,38 @@ def test_moe_biases_agree_across_ranks_and_drift_without_the_sum(
     assert rank0 != rank1, "without the sum each rank balances its own half: the biases must drift apart"
 
 
-def test_parallel_must_be_none_or_ddp(capsys, tiny_overrides, tmp_path):
+def test_parallel_must_be_none_ddp_or_fsdp(capsys, tiny_overrides, tmp_path):
     with pytest.raises(SystemExit) as exited:
         cli.main(
-            ["train", *tiny_overrides, *QUIET_HYDRA, f"hydra.run.dir={tmp_path}", "trainer.parallel=fsdp"]
+            ["train", *tiny_overrides, *QUIET_HYDRA, f"hydra.run.dir={tmp_path}", "trainer.parallel=zero3"]
         )
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "trainer.parallel='fsdp'" in err and "none or ddp" in err
+    assert "trainer.parallel='zero3'" in err and "none, ddp or fsdp" in err
     assert not (tmp_path / "checkpoints").exists(), "training started"
 
 
 def test_parallel_none_under_a_torchrun_of_two_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    refused = pytest.raises(ConfigError, match="trainer.parallel.*ddp under torchrun or SLURM")
+    refused = pytest.raises(ConfigError, match="trainer.parallel.*ddp or fsdp under torchrun or SLURM")
     with refused, distributed.process_group("none", torch.device("cpu")):
         pass
 
 
-def test_a_resume_at_another_world_size_is_refused(tmp_path, make_trainer):
-    run_dir = tmp_path / "run"
-    make_trainer(run_dir, "trainer.max_steps=1", "trainer.device=cpu").run()
-    resumed = make_trainer(run_dir, "trainer.max_steps=2", "trainer.device=cpu", "trainer.resume=auto")
-    resumed.ranks = dataclasses.replace(resumed.ranks, world_size=2)  # as a torchrun of 2 would have it
-    with pytest.raises(ResumeError, match="trained on 1 process.*this run has 2.*not built yet"):
-        resumed.run()
+def test_every_first_party_plugin_trains_under_fsdp(tmp_path, cli_env, tiny_overrides):
+    """At world size 2, batch 4 a rank: the same losses and eval as one process of batch 8."""
+    steps, out = 2, tmp_path / "plugins.json"
+    overrides = [*tiny_overrides, "trainer.device=cpu", "trainer.max_steps=4", "trainer.eval_tokens=512"]
+    torchrun(str(PLUGINS_WORKER), str(out), str(steps), str(tmp_path / "run"), *overrides, cwd=tmp_path, env=cli_env)
+    results = json.loads(out.read_text())
+    assert {"default", "attention=mla", "ffn=moe", "residual=attnres", "linear=ternary", "head=medusa"} <= set(
+        results
+    ), sorted(results)
+    for case, runs in results.items():
+        got, want = runs["fsdp"], runs["single"]
+        assert len(got["losses"]) == steps and all(math.isfinite(v) for v in got["losses"]), case
+        for g, w in zip([*got["losses"], got["val/bpb"]], [*want["losses"], want["val/bpb"]], strict=True):
+            assert abs(g - w) <= 1e-5, f"{case}: fsdp {got} vs one process {want}"
 
 
 @pytest.mark.parametrize(
