@@ -265,10 +265,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
 
     def find_class(self, module: str, name: str) -> object:
-        found = super().find_class(module, name) if module in (*self.MODULES, "torch", "pathlib") else None
-        safe = (module, name) in self.NAMES or isinstance(found, torch.dtype)
+        named = (module, name) in self.NAMES
+        found = super().find_class(module, name) if named or module in (*self.MODULES, "torch") else None
         data = isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, Enum))
-        if safe or (module in self.MODULES and data):
+        if named or isinstance(found, torch.dtype) or (module in self.MODULES and data):
             return found
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
 
