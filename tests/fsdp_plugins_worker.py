@@ -1,7 +1,8 @@
 """Run by ``tests/test_distributed.py`` under torchrun: every first-party plugin's student trains under
 ``trainer.parallel=fsdp`` at the world size torchrun gives, a few steps and one eval each, and rank 0
-trains the same student in one process with the same global batch. Rank 0 writes, per plugin, both
-runs' training losses and eval bpb as JSON.
+trains the same student in one process with the same global batch, each rank's batch one
+micro-batch of it (so that auxiliary losses of a batch, as MoE's balance loss, see the same batches).
+Rank 0 writes, per plugin, both runs' training losses and eval bpb as JSON.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_plugins_worker.py \
         OUT.json STEPS RUN_DIR OVERRIDES...
@@ -50,9 +51,13 @@ def main(out: str, steps: str, run_dir: str, *overrides: str) -> None:
         for case in first_party_plugins():
             plugin = [] if case == "default" else [case]
             sharded = curve(int(steps), Path(run_dir), [*overrides, *plugin, "trainer.parallel=fsdp"])
-            if ranks.is_main:
-                batch = compose(overrides).trainer.batch_size * ranks.world_size
-                single = [*overrides, *plugin, "trainer.parallel=none", f"trainer.batch_size={batch}"]
+            if ranks.is_main:  # a rank's batch as a micro-batch: per-batch aux losses (MoE balance) alike
+                single = [
+                    *overrides,
+                    *plugin,
+                    "trainer.parallel=none",
+                    f"trainer.grad_accum={ranks.world_size}",
+                ]
                 results[case] = {"fsdp": sharded, "single": curve(int(steps), Path(run_dir), single)}
             dist.barrier()
         if ranks.is_main:
