@@ -1,7 +1,9 @@
 """The training loop: AdamW, warmup + cosine/WSD schedule, eval, checkpoints, resume, logging.
 
 The optimizer step itself (forward, loss, backward over the micro-batches, clipping) is
-``archlab.step.OptimizerStep``; the trainer feeds it the micro-batches of each step.
+``archlab.step.OptimizerStep`` (or its DDP/FSDP2 forms, ``archlab.distributed``); the trainer feeds
+it the micro-batches of each step. Evaluation is ``archlab.evaluation``; checkpoints and resume are
+``archlab.train_state``.
 
 AdamW with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) on
 matrices only (norm gains and biases are not decayed). The batch of a step is the
@@ -18,25 +20,23 @@ import logging
 import math
 import resource
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from archlab import checkpoint, distributed, plots, registry
-from archlab.baselines.objective import teacher_agreement
 from archlab.config import Schedule, TrainerConfig
-from archlab.data import TokenSplit, build_split, n_val_windows, train_batch, val_batches
+from archlab.data import TokenSplit, build_split, n_val_windows, train_batch
 from archlab.errors import ConfigError, NonFiniteLossError
+from archlab.evaluation import Evaluation
 from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
-from archlab.slots import BringsTokenizer, DepthWeightsReport, offers
+from archlab.slots import BringsTokenizer, offers
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
@@ -267,11 +267,10 @@ class Trainer:
             self.model.compile()
         objective, objective_cfg = registry.configured("objective", cfg.objective)
         self.objective = objective(objective_cfg)
-        n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
-        self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(
             cfg, self.split, self.device, self.t, objective_cfg, self.ranks.world_size
         )
+        self.evaluate = Evaluation(self.model, self.split, self.t, self.targets, self.device, self.autocast)
         if self.t.init_from:
             init_from(self.model, self.t.init_from)
         freeze_except(self.model, self.t.train_only)
@@ -348,54 +347,11 @@ class Trainer:
         """Training tokens of all ranks so far."""
         return self.step * self.windows_per_step * self.model.dims.context
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss on the fixed validation windows (bits per byte = nats / ln 2 / UTF-8 bytes);
-        with a teacher also KL(teacher ‖ student) and top-1 agreement on the same windows, and the
-        metrics plugins report through ``ctx`` (e.g. extra heads' accuracy), averaged over tokens."""
-        self.model.eval()
-        sums: dict[str, float] = defaultdict(float)
-        batches = val_batches(
-            self.split.val,
-            batch_size=self.t.batch_size,
-            context=self.model.dims.context,
-            max_tokens=self.t.eval_tokens,
-        )
-        for first, x, y in batches:
-            x, y = x.to(self.device), y.to(self.device)
-            with self.autocast():
-                ctx = self.model.new_context(x)
-                logits = self.model(x, ctx).float()
-                self.model.aux_losses(ctx, y)
-            for name, value in ctx.metrics.items():
-                sums[name] += value * y.numel()
-            sums["nats"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-            sums["count"] += y.numel()
-            sums["bytes"] += float(self.val_bytes[first : first + len(x)].sum())
-            if self.targets:
-                soft = self.targets.val(first, len(x)).to(self.device)
-                for name, value in teacher_agreement(logits, soft).items():
-                    sums[name] += value * y.numel()
-        self.model.train()
-        count, n_bytes, nats = sums.pop("count"), sums.pop("bytes"), sums.pop("nats")
-        agreement = {f"val/{k}": v / count for k, v in sums.items()}
-        return {"val/loss": nats / count, "val/bpb": nats / n_bytes / math.log(2), **agreement}
-
     def log_plots(self, loggers: Loggers | None) -> None:
-        """Plugin diagnostics on the first validation batch (``archlab.plots``): the residual plugin's
-        depth weights, if it offers them, to ``<run_dir>/plots/depth_weights.{png,json}`` and W&B. Every
-        rank runs the forward (a collective under FSDP); rank 0 (``loggers`` given) writes them."""
-        if not offers(self.model.residual, DepthWeightsReport):
-            return
-        first_batch = val_batches(
-            self.split.val,
-            batch_size=self.t.batch_size,
-            context=self.model.dims.context,
-            max_tokens=self.t.eval_tokens,
-        )
-        _, x, _ = next(first_batch)
-        with self.autocast():
-            depth = plots.record_depth_weights(self.model, x.to(self.device))
+        """Plugin diagnostics on the first validation batch: the residual plugin's depth weights, if it
+        offers them, to ``<run_dir>/plots/depth_weights.{png,json}`` and W&B. Every rank runs the forward
+        (a collective under FSDP); rank 0 (``loggers`` given) writes them."""
+        depth = self.evaluate.depth_weights()
         if depth is not None and loggers:
             png = plots.save_depth_weights(depth, self.info.run_dir / "plots", self.step)
             loggers.image(f"plots/{png.stem}", png, self.step)
