@@ -308,7 +308,7 @@ def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     both = {"model": model_state, "optim": optim_state}
     try:
         dcp.load(both, storage_reader=_SafeReader(ckpt), planner=_SafePlanner())
-    except Exception as exc:  # noqa: BLE001 - DCP wraps a rank's failure in its own error types
+    except dcp.CheckpointException as exc:  # a BaseException: every rank's failure, with tracebacks
         raise CheckpointError(f"{ckpt} cannot be loaded: {str(exc).strip().splitlines()[-1]}") from None
     dcp_state.set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
 
