@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -44,6 +45,9 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 
 from archlab import durable
 from archlab.errors import ArchlabError, ConfigError, NonFiniteLossError
+
+if TYPE_CHECKING:
+    from archlab.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +114,9 @@ def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
 
 
 def save_sharded(
-    ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ranks
+    ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ranks: Ranks
 ) -> Path:
-    """``save`` on every rank of a process group (a collective; ``ranks``: ``archlab.distributed.Ranks``).
+    """``save`` on every rank of a process group (a collective; ``ranks``: this process's place in it).
 
     Model and optimizer go through ``torch.distributed.checkpoint`` (each rank writes its shard, the
     ``__<rank>_0.distcp`` files, and rank 0 the ``.metadata``) into one temporary directory that rank 0

@@ -66,8 +66,8 @@ class OptimizerStep:
 
     def clip_gradients(self) -> Tensor:
         """Scale the gradients to norm ``grad_clip`` if above it; returns their norm before. Under FSDP2
-        the gradients are DTensor shards: the norm is taken over all shards (``full_tensor``), as
-        torchtitan's ``clip_grad_norm_`` does, so every rank clips by the same global factor."""
+        the gradients are DTensor shards and their norm a DTensor over all of them; its ``full_tensor``
+        is the global norm (as in torchtitan's ``clip_grad_norm_``), so every rank clips alike."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ class TrainState:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         ranks: Ranks,
-        lr_factor,
+        lr_factor: Callable[[int, TrainerConfig], float],
     ) -> None:
         self.cfg, self.t, self.run_dir, self.ranks = cfg, t, run_dir, ranks
         self.model, self.optimizer, self.scheduler, self.lr_factor = model, optimizer, scheduler, lr_factor
