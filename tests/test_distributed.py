@@ -223,11 +223,18 @@ def test_ddp_without_torchrun_is_world_size_one(tmp_path, tiny_overrides, refere
     assert not torch.distributed.is_initialized(), "the process group is left when the run ends"
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_moe_biases_agree_across_ranks_and_drift_without_the_sum(
-    tmp_path, cli_env, tiny_overrides, make_trainer
+    parallel, tmp_path, cli_env, tiny_overrides, make_trainer
 ):
     steps, out = 3, tmp_path / "biases.json"
-    overrides = [*tiny_overrides, *MOE, "trainer.device=cpu", "trainer.parallel=ddp", "trainer.batch_size=8"]
+    overrides = [
+        *tiny_overrides,
+        *MOE,
+        "trainer.device=cpu",
+        f"trainer.parallel={parallel}",
+        "trainer.batch_size=8",
+    ]
     torchrun(str(WORKER), str(out), str(steps), str(tmp_path / "run"), *overrides, cwd=tmp_path, env=cli_env)
     biases = json.loads(out.read_text())
     rank0, rank1 = biases["summed"]
