@@ -8,35 +8,53 @@ the previous checkpoint intact. ``manifest.json`` holds each file's size and SHA
 a checkpoint is used only if it matches, and a damaged newest one gives way to the
 previous complete one. Weights with a NaN or Inf are never saved.
 
-``state.pt`` holds only tensors and plain data (optimizer and scheduler state, RNG
-states, the resolved config with enums as strings) and is read with
-``torch.load(weights_only=True)``: a crafted checkpoint cannot run code.
+A checkpoint of several ranks (``save_sharded``) holds, besides, the model and optimizer state
+through ``torch.distributed.checkpoint`` (``.metadata`` and one ``__<rank>_0.distcp`` per rank, all
+in the manifest); its ``model.safetensors`` holds the full weights, so every reader of weights
+(export, generate, init_from, the report) reads both kinds alike.
+
+``state.pt`` holds only tensors and plain data (optimizer state of one process, scheduler state,
+RNG states, the resolved config with enums as strings) and is read with
+``torch.load(weights_only=True)``: a crafted checkpoint cannot run code. DCP's files are read by
+``dcp.load``, which reads tensors into the state dict it is given and takes only its metadata from
+a pickle (``torch.distributed.checkpoint``'s own format).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict as dcp_state
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from archlab import durable
 from archlab.errors import ArchlabError, ConfigError, NonFiniteLossError
+
+if TYPE_CHECKING:
+    from archlab.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
 KEEP = 2  # how many checkpoints stay on disk (the newest ones)
 FILES = ("model.safetensors", "state.pt")
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards (``save_sharded``)
 
 
 class CheckpointError(ArchlabError):
@@ -69,12 +87,7 @@ def warn_non_finite(model: nn.Module, source: Path | str) -> None:
         )
 
 
-def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
-    """Write checkpoint ``step`` atomically and durably, make it the LAST one, keep the newest ``KEEP``.
-
-    Refuses (``NonFiniteLossError``) weights holding NaN or Inf, so LAST always names usable weights.
-    """
-    bad = non_finite_tensors(model)
+def _refuse_non_finite(bad: list[str], ckpt_root: Path, step: int) -> None:
     if bad:
         last = latest(ckpt_root.parent)
         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written"
@@ -82,14 +95,55 @@ def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
             f"weights hold NaN/Inf at step {step} ({_listed(bad)}); "
             f"checkpoint not written and training stopped; {kept}"
         )
+
+
+def _new_tmp(ckpt_root: Path) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+    return Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+
+
+def save(ckpt_root: Path, step: int, model: nn.Module, state: dict) -> Path:
+    """Write checkpoint ``step`` of one process atomically and durably, make it the LAST one, keep the
+    newest ``KEEP``. Refuses (``NonFiniteLossError``) weights holding NaN or Inf, so LAST always names
+    usable weights."""
+    _refuse_non_finite(non_finite_tensors(model), ckpt_root, step)
+    tmp = _new_tmp(ckpt_root)
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
+    return _publish(tmp, ckpt_root, step)
+
+
+def save_sharded(
+    ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ranks: Ranks
+) -> Path:
+    """``save`` on every rank of a process group (a collective; ``ranks``: this process's place in it).
+
+    Model and optimizer go through ``torch.distributed.checkpoint`` (each rank writes its shard, the
+    ``__<rank>_0.distcp`` files, and rank 0 the ``.metadata``) into one temporary directory that rank 0
+    made; rank 0 adds the full weights gathered to it (``model.safetensors``) and ``state``, writes the
+    manifest of every file and publishes the directory as ``save`` does. Every rank returns its path."""
+    options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0
+    full = dcp_state.get_model_state_dict(model, options=options)
+    bad = [n for n, v in full.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    _refuse_non_finite(ranks.broadcast(bad), ckpt_root, step)
+    tmp = Path(ranks.broadcast(str(_new_tmp(ckpt_root)) if ranks.is_main else None))
+    model_state, optim_state = dcp_state.get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # returns when all wrote
+    final = None
+    if ranks.is_main:
+        save_file(full, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        final = _publish(tmp, ckpt_root, step)
+    return Path(ranks.broadcast(str(final)))
+
+
+def _publish(tmp: Path, ckpt_root: Path, step: int) -> Path:
+    """Write the manifest of the finished ``tmp``, rename it to ``step_<step>``, point LAST at it and
+    remove all but the newest ``KEEP`` checkpoints."""
+    final = ckpt_root / f"step_{step:08d}"
     files = {
-        name: {"bytes": (tmp / name).stat().st_size, "sha256": durable.sha256_file(tmp / name)}
-        for name in FILES
+        path.name: {"bytes": path.stat().st_size, "sha256": durable.sha256_file(path)}
+        for path in sorted(tmp.iterdir())
     }
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     if final.exists():  # the same step written again: move the old one aside first
@@ -119,11 +173,14 @@ def verify(ckpt: Path) -> None:
         return  # written before manifests existed: the readers below still reject garbage
     try:
         files = json.loads(manifest.read_text())["files"]
-        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in FILES}
+        listed = {*FILES, *files}  # a manifest without one of FILES is corrupt
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in listed}
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest} is corrupt ({type(exc).__name__}: {exc})") from None
-    for name, (size, sha) in expected.items():
+    for name, (size, sha) in sorted(expected.items()):
         path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing")
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} is truncated: {path.stat().st_size} bytes, {MANIFEST} says {size}")
         if durable.sha256_file(path) != sha:
@@ -201,6 +258,85 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     """Load the checkpoint's weights into ``model``, which must have exactly its tensors and shapes."""
     check_fits(ckpt, model)
     load_model(model, str(ckpt / "model.safetensors"), strict=True)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a plain pickle (``FileSystemReader.read_metadata`` unpickles it unchecked);
+    this one builds only what DCP's metadata holds: its own dataclasses and enums, ``torch.Size``,
+    dtypes, layouts and paths. Anything else, i.e. a crafted file's callables, is refused."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+    def find_class(self, module: str, name: str) -> object:
+        named = (module, name) in self.NAMES
+        found = super().find_class(module, name) if named or module in (*self.MODULES, "torch") else None
+        data = isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, Enum))
+        if named or isinstance(found, torch.dtype) or (module in self.MODULES and data):
+            return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+
+
+class _SafeReader(FileSystemReader):
+    """``FileSystemReader`` whose metadata is read by ``_MetadataUnpickler``."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp.Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` reading the non-tensor entries (optimizer hyperparameters) with
+    ``torch.load(weights_only=True)``, where DCP's own uses ``weights_only=False``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        checked = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), checked)  # plain data, safe to load as DCP does
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds model and optimizer through DCP (``save_sharded``)."""
+    return (ckpt / DCP_METADATA).is_file()
+
+
+def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state from a ``save_sharded`` checkpoint, at any world size and sharding
+    (``dcp.load`` reads each rank's part of every tensor; without a process group, all of it)."""
+    check_fits(ckpt, model)
+    model_state, optim_state = dcp_state.get_state_dict(model, optimizer)
+    both = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(both, storage_reader=_SafeReader(ckpt), planner=_SafePlanner())
+    except dcp.CheckpointException as exc:  # a BaseException: every rank's failure, with tracebacks
+        raise CheckpointError(f"{ckpt} cannot be loaded: {str(exc).strip().splitlines()[-1]}") from None
+    dcp_state.set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+
+
+def load_full(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
+    """Model and optimizer state from a one-process checkpoint (``save``), into a plain, DDP or FSDP
+    model: the full tensors, which ``set_state_dict`` shards. ``optim_state`` is the saved
+    ``optimizer.state_dict()``, whose parameters are numbered in ``optimizer``'s order."""
+    check_fits(ckpt, model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {fqns[i]: value for i, value in optim_state["state"].items()},
+        "param_groups": [
+            {**group, "params": [fqns[i] for i in group["params"]]} for group in optim_state["param_groups"]
+        ],
+    }
+    dcp_state.set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=load_file(str(ckpt / "model.safetensors")),
+        optim_state_dict=by_name,
+        options=dcp_state.StateDictOptions(full_state_dict=True),
+    )
 
 
 def config_enums() -> list[type[Enum]]:

@@ -65,8 +65,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     precision: Precision = Precision.fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # none | ddp: DistributedDataParallel over torchrun's processes (archlab.distributed); batch_size and
-    # grad_accum are per process, so the global batch is batch_size × grad_accum × world size
+    # none | ddp | fsdp: DistributedDataParallel or FSDP2 over torchrun's processes (archlab.distributed);
+    # batch_size and grad_accum are per process, so the global batch is batch_size × grad_accum × world size
     parallel: str = "none"
     # run the student under torch.compile (its module compiled in place: checkpoints keep eager names)
     compile: bool = False
@@ -101,8 +101,8 @@ class TrainerConfig:
         for key in ("weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
                 raise ConfigError(f"trainer.{key}", getattr(self, key), "a finite number >= 0 (0 = off)")
-        if self.parallel not in ("none", "ddp"):
-            raise ConfigError("trainer.parallel", self.parallel, "none or ddp (fsdp is not built yet)")
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise ConfigError("trainer.parallel", self.parallel, "none, ddp or fsdp")
 
 
 @dataclass

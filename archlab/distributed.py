@@ -1,4 +1,5 @@
-"""Data-parallel training (``trainer.parallel=ddp``): the process group, the ranks, and the step under DDP.
+"""Data-parallel and sharded training (``trainer.parallel=ddp|fsdp``): the process group, the ranks, and
+the step under DDP or FSDP2.
 
 Under ``torchrun --nproc_per_node=N -m archlab.cli train ... trainer.parallel=ddp`` each process
 joins the group torchrun describes (env://: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
@@ -10,7 +11,15 @@ translated to torchrun's (``slurm_env``). Without either, ``ddp`` runs as world 
 What the ranks must agree on, and how they do:
 
 - **weights**: DDP broadcasts rank 0's at construction and averages the gradients in the last
-  micro-batch's backward (``no_sync`` before it), so every rank steps to the same weights;
+  micro-batch's backward (``no_sync`` before it), so every rank steps to the same weights. FSDP2
+  (``torch.distributed.fsdp.fully_shard``, on a 1-D device mesh of all ranks) shards parameters,
+  gradients and optimizer state: each transformer layer (its sublayers and their pre-norms) is one
+  unit, all-gathered for its forward and backward, the rest (embedding, residual plugin, final norm,
+  head) is the root's unit. Every rank builds the same initial weights from the seed before sharding;
+  gradients are reduce-scattered in the last micro-batch's backward
+  (``set_requires_gradient_sync(False)`` before it) and the clipping norm is taken over the shards
+  (``archlab.step``). On CUDA with ``trainer.precision=bf16`` parameters are gathered in bf16 and
+  gradients reduced in fp32 (``MixedPrecisionPolicy``); on CPU everything stays fp32;
 - **data**: rank r of W reads windows [r·b, (r+1)·b) of each global micro-batch of W·b
   (``archlab.trainer``), the windows one process of batch W·b would read, in the same order;
 - **step metrics** are averaged over ranks (equal batches: the mean over the global batch);
@@ -19,7 +28,10 @@ What the ranks must agree on, and how they do:
   ``forward_sync_buffers=False`` (rank 0's buffers are copied at construction only), so a buffer that
   changes in training and is not declared drifts apart across ranks.
 
-Rank 0 alone evaluates, logs, plots and checkpoints (its full state is the whole state under DDP).
+Every rank runs the same evaluation forwards on the same validation batches (under FSDP each forward
+all-gathers weights, a collective every rank must join) and takes part in writing checkpoints
+(``torch.distributed.checkpoint``: each rank its shard, ``archlab.train_state``); rank 0 alone logs,
+plots and publishes them.
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from archlab.errors import ArchlabError, ConfigError
@@ -145,16 +159,18 @@ def _local_device(device: torch.device) -> torch.device:
 @contextlib.contextmanager
 def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
     """The ranks of a run of ``trainer.parallel``: joins (and finally leaves) torch.distributed's process
-    group for ``ddp``, from torchrun's variables or, without them, as world size 1; ``none`` is one rank,
-    and refused under a torchrun of several processes (each would train the whole run on its own). A
-    SLURM step's variables are translated to torchrun's first (``slurm_env``, idempotent: ``archlab train``
-    calls it before Hydra too; a submitit task reaches this without ``archlab train``'s entry)."""
+    group for ``ddp`` and ``fsdp``, from torchrun's variables or, without them, as world size 1; ``none``
+    is one rank, and refused under a torchrun of several processes (each would train the whole run on its
+    own). A SLURM step's variables are translated to torchrun's first (``slurm_env``, idempotent:
+    ``archlab train`` calls it before Hydra too; a submitit task reaches this without its entry)."""
     slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none":
         if world > 1:
             raise ConfigError(
-                "trainer.parallel", parallel, f"ddp under torchrun or SLURM tasks (WORLD_SIZE={world})"
+                "trainer.parallel",
+                parallel,
+                f"ddp or fsdp under torchrun or SLURM tasks (WORLD_SIZE={world})",
             )
         yield Ranks(device=device)
         return
@@ -174,37 +190,70 @@ def process_group(parallel: str, device: torch.device) -> Iterator[Ranks]:
 
 def current(parallel: str, device: torch.device) -> Ranks:
     """The ranks a ``Trainer`` of ``trainer.parallel`` trains on: one for ``none`` (a teacher trained inside
-    a DDP run included); for ``ddp``, the process group that ``process_group`` joined."""
+    a DDP run included); for ``ddp`` and ``fsdp``, the process group that ``process_group`` joined."""
     if parallel == "none":
         return Ranks(device=device)
     if not dist.is_initialized():
         raise ArchlabError(
-            "trainer.parallel=ddp needs torch.distributed's process group: train through `archlab train` "
-            "(under torchrun for several processes) or inside archlab.distributed.process_group()"
+            f"trainer.parallel={parallel} needs torch.distributed's process group: train through "
+            "`archlab train` (under torchrun for several processes) or inside "
+            "archlab.distributed.process_group()"
         )
     return Ranks.joined(_local_device(device))
 
 
-class DataParallelStep(OptimizerStep):
-    """``OptimizerStep`` under DistributedDataParallel: gradients averaged over ranks in the last
-    micro-batch's backward, step metrics averaged and declared buffers (``SumsAcrossRanks``) summed."""
+def shard(model: nn.Module, device: torch.device, bf16: bool) -> None:
+    """FSDP2 on ``model`` in place: each transformer layer's sublayers and pre-norms one ``fully_shard``
+    unit, then the root (embedding, residual plugin, final norm, head, and what else is left), over a
+    1-D mesh of every rank. bf16 parameters with fp32 gradient reduction on CUDA when ``bf16``."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()  # fp32: the parameters' own dtype
+    if bf16 and device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in sorted(set(model.sublayer_layers)):
+        units = [i for i, owner in enumerate(model.sublayer_layers) if owner == layer]
+        block = [m for i in units for m in (model.sublayers[i], model.norms[i])]
+        if any(True for m in block for _ in m.parameters()):  # a layer of parameters of its own
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+class RanksStep(OptimizerStep):
+    """``OptimizerStep`` on several ranks: step metrics averaged and declared buffers (``SumsAcrossRanks``)
+    summed over them, after the backward and before ``on_step_end``."""
 
     def __init__(self, model: nn.Module, *args, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
-        device = next(model.parameters()).device
-        self.ranks = Ranks.joined(device)
-        device_ids = None if device.type == "cpu" else [device.index]
-        self.forward = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        self.ranks = Ranks.joined(next(model.parameters()).device)
         self.summed = [
             module.get_buffer(name)
             for module in offering(model.modules(), SumsAcrossRanks)
             for name in module.rank_summed_buffers
         ]
 
-    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if last else self.forward.no_sync()
-
     def across_ranks(self, sums: dict[str, float]) -> dict[str, float]:
         for buffer in self.summed:
             dist.all_reduce(buffer)
         return self.ranks.mean(sums)
+
+
+class DataParallelStep(RanksStep):
+    """``RanksStep`` under DistributedDataParallel: gradients averaged over ranks in the last
+    micro-batch's backward."""
+
+    def __init__(self, model: nn.Module, *args, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        device_ids = None if self.ranks.device.type == "cpu" else [self.ranks.device.index]
+        self.forward = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.forward.no_sync()
+
+
+class ShardedStep(RanksStep):
+    """``RanksStep`` on a model that ``shard`` wrapped (FSDP2): gradients reduce-scattered over ranks in
+    the last micro-batch's backward only; the earlier ones accumulate unsharded gradients locally."""
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from archlab.slots import StepEndHook, offering
 
@@ -63,6 +64,17 @@ class OptimizerStep:
         """The step's metrics (and any state the ranks must share) combined over ranks: one process's."""
         return sums
 
+    def clip_gradients(self) -> Tensor:
+        """Scale the gradients to norm ``grad_clip`` if above it; returns their norm before. Under FSDP2
+        the gradients are DTensor shards and their norm a DTensor over all of them; its ``full_tensor``
+        is the global norm (as in torchtitan's ``clip_grad_norm_``), so every rank clips alike."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf, norm)
+        return norm
+
     def __call__(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         batches = list(micro_batches)
@@ -81,9 +93,7 @@ class OptimizerStep:
         sums = self.across_ranks(dict(sums))
         if not math.isfinite(sums["total_loss"]):
             raise NonFiniteStep(f"loss is {sums['total_loss']}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf
-        )
+        grad_norm = self.clip_gradients()
         if not math.isfinite(grad_norm):  # stepping would write NaN into every weight
             raise NonFiniteStep(f"gradient norm is {float(grad_norm)} (loss {sums['total_loss']:.4g})")
         lr = self.scheduler.get_last_lr()[0]

@@ -1,7 +1,9 @@
 """The training loop: AdamW, warmup + cosine/WSD schedule, eval, checkpoints, resume, logging.
 
 The optimizer step itself (forward, loss, backward over the micro-batches, clipping) is
-``archlab.step.OptimizerStep``; the trainer feeds it the micro-batches of each step.
+``archlab.step.OptimizerStep`` (or its DDP/FSDP2 forms, ``archlab.distributed``); the trainer feeds
+it the micro-batches of each step. Evaluation is ``archlab.evaluation``; checkpoints and resume are
+``archlab.train_state``.
 
 AdamW with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) on
 matrices only (norm gains and biases are not decayed). The batch of a step is the
@@ -14,34 +16,32 @@ the loss curve of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import resource
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from archlab import checkpoint, distributed, plots, registry, resume
-from archlab.baselines.objective import teacher_agreement
+from archlab import checkpoint, distributed, plots, registry
 from archlab.config import Schedule, TrainerConfig
-from archlab.data import TokenSplit, build_split, n_val_windows, train_batch, val_batches
-from archlab.errors import ArchlabError, ConfigError, NonFiniteLossError
+from archlab.data import TokenSplit, build_split, n_val_windows, train_batch
+from archlab.errors import ConfigError, NonFiniteLossError
+from archlab.evaluation import Evaluation
 from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
-from archlab.slots import BringsTokenizer, DepthWeightsReport, offers
+from archlab.slots import BringsTokenizer, offers
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
 from archlab.tokenizer import ByteTokenizer, Tokenizer
+from archlab.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -270,20 +270,22 @@ class Trainer:
             self.model.compile()
         objective, objective_cfg = registry.configured("objective", cfg.objective)
         self.objective = objective(objective_cfg)
-        n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
-        self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(
             cfg, self.split, self.device, self.t, objective_cfg, self.ranks.world_size, self.ranks
         )
+        self.evaluate = Evaluation(self.model, self.split, self.t, self.targets, self.device, self.autocast)
         if self.t.init_from:
             init_from(self.model, self.t.init_from)
         freeze_except(self.model, self.t.train_only)
+        self.static = model_metrics(self.model, self.compute_dtype)  # of the whole model, before sharding
+        if self.t.parallel == "fsdp":
+            distributed.shard(self.model, self.device, bf16)
         self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.t)
         )
-        step = distributed.DataParallelStep if self.t.parallel == "ddp" else OptimizerStep
-        self.update = step(
+        step = {"none": OptimizerStep, "ddp": distributed.DataParallelStep, "fsdp": distributed.ShardedStep}
+        self.update = step[self.t.parallel](
             self.model,
             self.objective,
             self.optimizer,
@@ -292,7 +294,9 @@ class Trainer:
             autocast=self.autocast,
         )
         self.step = 0
-        self.ckpt_root = info.run_dir / "checkpoints"
+        self.state = TrainState(
+            cfg, self.t, info.run_dir, self.model, self.optimizer, self.scheduler, self.ranks, lr_factor
+        )
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -346,155 +350,46 @@ class Trainer:
         """Training tokens of all ranks so far."""
         return self.step * self.windows_per_step * self.model.dims.context
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss on the fixed validation windows (bits per byte = nats / ln 2 / UTF-8 bytes);
-        with a teacher also KL(teacher ‖ student) and top-1 agreement on the same windows, and the
-        metrics plugins report through ``ctx`` (e.g. extra heads' accuracy), averaged over tokens."""
-        self.model.eval()
-        sums: dict[str, float] = defaultdict(float)
-        batches = val_batches(
-            self.split.val,
-            batch_size=self.t.batch_size,
-            context=self.model.dims.context,
-            max_tokens=self.t.eval_tokens,
-        )
-        for first, x, y in batches:
-            x, y = x.to(self.device), y.to(self.device)
-            with self.autocast():
-                ctx = self.model.new_context(x)
-                logits = self.model(x, ctx).float()
-                self.model.aux_losses(ctx, y)
-            for name, value in ctx.metrics.items():
-                sums[name] += value * y.numel()
-            sums["nats"] += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-            sums["count"] += y.numel()
-            sums["bytes"] += float(self.val_bytes[first : first + len(x)].sum())
-            if self.targets:
-                soft = self.targets.val(first, len(x)).to(self.device)
-                for name, value in teacher_agreement(logits, soft).items():
-                    sums[name] += value * y.numel()
-        self.model.train()
-        count, n_bytes, nats = sums.pop("count"), sums.pop("bytes"), sums.pop("nats")
-        agreement = {f"val/{k}": v / count for k, v in sums.items()}
-        return {"val/loss": nats / count, "val/bpb": nats / n_bytes / math.log(2), **agreement}
-
-    def log_plots(self, loggers: Loggers) -> None:
-        """Plugin diagnostics on the first validation batch (``archlab.plots``): the residual plugin's
-        depth weights, if it offers them, to ``<run_dir>/plots/depth_weights.{png,json}`` and W&B."""
-        if not offers(self.model.residual, DepthWeightsReport):
-            return
-        first_batch = val_batches(
-            self.split.val,
-            batch_size=self.t.batch_size,
-            context=self.model.dims.context,
-            max_tokens=self.t.eval_tokens,
-        )
-        _, x, _ = next(first_batch)
-        with self.autocast():
-            depth = plots.record_depth_weights(self.model, x.to(self.device))
-        if depth is not None:
+    def log_plots(self, loggers: Loggers | None) -> None:
+        """Plugin diagnostics on the first validation batch: the residual plugin's depth weights, if it
+        offers them, to ``<run_dir>/plots/depth_weights.{png,json}`` and W&B. Every rank runs the forward
+        (a collective under FSDP); rank 0 (``loggers`` given) writes them."""
+        depth = self.evaluate.depth_weights()
+        if depth is not None and loggers:
             png = plots.save_depth_weights(depth, self.info.run_dir / "plots", self.step)
             loggers.image(f"plots/{png.stem}", png, self.step)
 
     def save(self, wandb_id: str | None) -> Path:
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "wandb_id": wandb_id,
-            "world_size": self.ranks.world_size,
-            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
-        }
-        return checkpoint.save(self.ckpt_root, self.step, self.model, state)
+        """Checkpoint this step (``archlab.train_state``); under ddp/fsdp every rank takes part."""
+        return self.state.save(self.step, wandb_id)
 
     def restore(self, ckpt: Path) -> str | None:
         """Load a checkpoint into model, optimizer, scheduler and RNG; returns its W&B run id."""
-        state = checkpoint.read_state(ckpt)
-        new = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-        changed = resume.check(ckpt, state["config"], new)
-        saved_world = state.get("world_size", 1)  # checkpoints before trainer.parallel: one process
-        if saved_world != self.ranks.world_size:
-            raise resume.ResumeError(
-                f"trainer.resume: checkpoint {ckpt} was trained on {saved_world} process(es), this run has "
-                f"{self.ranks.world_size}; resuming at another world size is not built yet (issue 20)"
-            )
-        checkpoint.load_weights(ckpt, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = state["step"]
-        self._set_hyperparameters()
-        for key, (old, now) in sorted(changed.items()):
-            log.warning("resume: %s changed from %r to %r; applied from step %d on", key, old, now, self.step)
-        if self.ranks.is_main:
-            resume.record(self.info.run_dir, self.step, ckpt, changed)
-        log.info("resumed from %s at step %d", ckpt, self.step)
-        return state["wandb_id"]
-
-    def _set_hyperparameters(self) -> None:
-        """lr, betas and weight decay from this run's config, over those a checkpoint restored (the
-        schedule itself reads ``self.t``), so that a resume applies a changed setting rather than
-        ignoring it; with unchanged settings the values are bitwise those the run had."""
-        t, groups = self.t, self.optimizer.param_groups
-        for group, decay in zip(groups, (t.weight_decay, 0.0), strict=True):
-            group.update(initial_lr=t.lr, lr=t.lr * lr_factor(self.step, t), betas=(t.beta1, t.beta2))
-            group["weight_decay"] = decay
-        self.scheduler.base_lrs = [t.lr] * len(groups)
-        self.scheduler._last_lr = [group["lr"] for group in groups]
-
-    def resume_point(self) -> Path | None:
-        """The checkpoint to resume from; refuses to start afresh over an earlier run's results."""
-        if self.t.resume is None:
-            summary = self.info.run_dir / "summary.json"
-            earlier = (
-                sorted(p.name for p in self.ckpt_root.glob("step_*")) + ["summary.json"] * summary.exists()
-            )
-            if earlier:
-                raise ArchlabError(
-                    f"run dir {self.info.run_dir} already holds an earlier run ({', '.join(earlier)}); "
-                    "pass trainer.resume=auto to continue it, or a new hydra.run.dir for a new run"
-                )
-            return None
-        if self.t.resume == "auto":
-            return checkpoint.latest(self.info.run_dir)
-        return checkpoint.find(self.t.resume)
-
-    def finished_summary(self) -> dict | None:
-        """The summary of a run resumed at its last step, if it has one (nothing is left to train)."""
-        path = self.info.run_dir / "summary.json"
-        if self.step < self.t.max_steps or not path.is_file():
-            return None
-        try:
-            summary = json.loads(path.read_text())
-        except ValueError:
-            return None
-        return summary if isinstance(summary, dict) and "val/bpb" in summary else None
+        self.step, wandb_id = self.state.restore(ckpt)
+        return wandb_id
 
     def run(self) -> dict:
         """Train to ``max_steps`` (resuming if asked), evaluate, log and return the summary: rank 0's,
-        on every rank. Rank 0 alone evaluates, logs and checkpoints; the other ranks only step."""
-        ckpt = self.resume_point()
+        on every rank. Every rank steps, evaluates and checkpoints (FSDP's forwards and DCP's writes are
+        collectives); rank 0 alone logs, plots and publishes the checkpoints."""
+        ckpt = self.state.resume_point()
         if self.ranks.is_main:
-            checkpoint.remove_partial(self.ckpt_root)
+            checkpoint.remove_partial(self.state.ckpt_root)
         wandb_id = self.restore(ckpt) if ckpt else None
-        done = self.finished_summary()
+        done = self.state.finished_summary(self.step)
         if done is not None:
             log.info("run finished at step %d already; its summary.json is kept", self.step)
             return done
         if not self.ranks.is_main:
-            while self.step < self.t.max_steps:
-                self.train_step()
+            self._loop(None, {})
             return self.ranks.broadcast(None)
         loggers = Loggers(self.cfg, self.info, resume_id=wandb_id)
         loggers.jsonl.truncate_after(self.step)
-        static = model_metrics(self.model, self.compute_dtype)
-        static["kernel/attention"] = self.model.kernel.name
-        static["world_size"] = self.ranks.world_size
+        static = {
+            **self.static,
+            "kernel/attention": self.model.kernel.name,
+            "world_size": self.ranks.world_size,
+        }
         static.update(
             {f"corpus/{k}": self.split.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
         )
@@ -512,14 +407,16 @@ class Trainer:
             log.info(line)
         return self.ranks.broadcast(summary)
 
-    def _loop(self, loggers: Loggers, static: dict) -> dict:
-        if self.step == 0:  # a resumed run logged them when it started
+    def _loop(self, loggers: Loggers | None, static: dict) -> dict:
+        """Steps to ``max_steps`` with eval, plots and checkpoints on their schedules, on every rank;
+        ``loggers`` is rank 0's (None on the others, which log nothing)."""
+        if self.step == 0 and loggers:  # a resumed run logged them when it started
             loggers.log(static, self.step)
         t, train_time, val, first, metrics = self.t, 0.0, {}, self.step, {}
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
-            disable=not t.progress,
+            disable=not (t.progress and loggers),
             desc="train",
             unit="step",
             dynamic_ncols=True,
@@ -538,10 +435,10 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{metrics['train/loss']:.3f}", val_bpb=f"{val.get('val/bpb', math.nan):.3f}"
                 )
-                if self.step % t.log_every == 0 or "val/bpb" in metrics:
+                if loggers and (self.step % t.log_every == 0 or "val/bpb" in metrics):
                     loggers.log(metrics, self.step)
                 if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
-                    self.save(loggers.wandb_id)
+                    self.save(loggers.wandb_id if loggers else None)
         if not val:
             val = self.evaluate()
         tokens_per_step = self.windows_per_step * self.model.dims.context

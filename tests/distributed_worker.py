@@ -1,6 +1,7 @@
-"""Run by ``tests/test_distributed.py`` under torchrun: a few DDP steps of an aux_free MoE student, twice,
-first with the router's per-expert load summed over ranks as it declares (``rank_summed_buffers``),
-then with that declaration removed. Rank 0 writes every rank's expert biases of both runs as JSON.
+"""Run by ``tests/test_distributed.py`` under torchrun: a few DDP (or FSDP) steps of an aux_free MoE
+student, twice, first with the router's per-expert load summed over ranks as it declares
+(``rank_summed_buffers``), then with that declaration removed. Rank 0 writes every rank's expert
+biases of both runs as JSON.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py \
         OUT.json STEPS RUN_DIR OVERRIDES...

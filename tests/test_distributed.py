@@ -1,13 +1,15 @@
-"""trainer.parallel=ddp (archlab.distributed): N processes of batch b follow the curve of one process of
-batch N·b, write one run dir from rank 0, and agree on the MoE router's balancing biases.
+"""trainer.parallel=ddp|fsdp (archlab.distributed): N processes of batch b follow the curve of one process
+of batch N·b, write one run dir from rank 0, and agree on the MoE router's balancing biases; every
+first-party plugin trains under FSDP2; checkpoints resume at the same and at another world size.
 
 The multi-process cases spawn ``torchrun --standalone --nproc_per_node=2`` (gloo on CPU, one thread
 per process) as a subprocess; the reference and world-size-1 runs are ``archlab train`` in-process."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from archlab import checkpoint, cli, distributed
+from archlab import checkpoint, cli, distributed, resume
 from archlab.errors import ConfigError
-from archlab.resume import ResumeError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+PLUGINS_WORKER = Path(__file__).with_name("fsdp_plugins_worker.py")
 QUIET_HYDRA = ("hydra/job_logging=none", "hydra/hydra_logging=none")  # leave the session's logging be
 # a distilled run (the ngram teacher's soft targets must follow the windows), 2 micro-batches a step
 RUN = (
@@ -31,15 +33,16 @@ RUN = (
     "trainer.eval_every=2",
     "trainer.log_every=1",
     "trainer.device=cpu",
+    "trainer.ckpt_every=2",
 )
 MOE = ("ffn=moe", "ffn.router=aux_free", "+ffn.router_options.bias_update_rate=0.01")
 
 
-def torchrun(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` on CPU, one thread per process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     done = subprocess.run(
-        command, cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120
+        command, cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -62,11 +65,38 @@ def assert_same_curve(got: list[dict], want: list[dict], atol: float = 1e-5) -> 
         assert g.get("train/tokens") == w.get("train/tokens")
 
 
+def records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_overrides) -> list[dict]:
-    """One process, batch 16: the curve the data-parallel runs must follow."""
+def reference_dir(tmp_path_factory, tiny_overrides) -> Path:
+    """One process, batch 16: the run whose curve the data-parallel runs must follow."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    return train_in_process(run_dir, *tiny_overrides, *RUN, "trainer.batch_size=16")
+    train_in_process(run_dir, *tiny_overrides, *RUN, "trainer.batch_size=16")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir) -> list[dict]:
+    return records_of(reference_dir)
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, cli_env, tiny_overrides) -> Path:
+    """2 processes of batch 8 under fsdp: the run of ``RUN``, checkpoints at steps 2 and 4."""
+    cwd = tmp_path_factory.mktemp("sharded")
+    args = (
+        "-m",
+        "archlab.cli",
+        "train",
+        *tiny_overrides,
+        *RUN,
+        "trainer.batch_size=8",
+        "trainer.parallel=fsdp",
+    )
+    torchrun(*args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd, env=cli_env)
+    return cwd / "run"
 
 
 def slurm_tasks(*args: str, cwd: Path, env: dict[str, str]) -> None:
@@ -98,20 +128,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+@pytest.mark.parametrize(
+    ("launcher", "parallel"), [("torchrun", "ddp"), ("slurm", "ddp"), ("torchrun", "fsdp")]
+)
 def test_two_processes_of_batch_8_follow_one_of_batch_16(
-    launcher, tmp_path, cli_env, tiny_overrides, reference
+    launcher, parallel, tmp_path, cli_env, tiny_overrides, reference
 ):
     # a run dir each process resolves differently, as Hydra's ${now:...} may (one second apart)
     rank = "RANK" if launcher == "torchrun" else "SLURM_PROCID"  # RANK is archlab's to set under SLURM
     args = (
-        "-m", "archlab.cli", "train", *tiny_overrides, *RUN, "trainer.batch_size=8", "trainer.parallel=ddp",
-        f"hydra.run.dir=outputs/rank${{oc.env:{rank}}}",
+        "-m", "archlab.cli", "train", *tiny_overrides, *RUN, "trainer.batch_size=8",
+        f"trainer.parallel={parallel}", f"hydra.run.dir=outputs/rank${{oc.env:{rank}}}",
     )  # fmt: skip
     (torchrun if launcher == "torchrun" else slurm_tasks)(*args, cwd=tmp_path, env=cli_env)
     run_dir = tmp_path / "outputs" / "rank0"
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["rank0"], "one run, one run dir"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(run_dir)
     assert records[0]["world_size"] == 2 and reference[0]["world_size"] == 1
     assert_same_curve(records[1:], reference[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -119,7 +151,66 @@ def test_two_processes_of_batch_8_follow_one_of_batch_16(
     assert summary["train/tokens"] == 4 * 16 * 2 * 32  # steps × global batch × grad_accum × context
     log = (run_dir / "train.log").read_text()
     assert log.count("teacher ngram: val bpb") == 1, "only rank 0 writes the log"
-    assert checkpoint.latest(run_dir).name == "step_00000004"
+    last = checkpoint.latest(run_dir)
+    assert last.name == "step_00000004" and checkpoint.is_sharded(last)
+    listed = json.loads((last / "manifest.json").read_text())["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "model.safetensors"} <= set(listed), sorted(listed)
+
+
+def killed_after_step_2(run_dir: Path, into: Path) -> Path:
+    """A copy of the finished ``run_dir`` as a kill after step 2's checkpoint leaves it: no later
+    checkpoint, no summary, metrics past step 2 (which the resumed run drops)."""
+    copy = Path(shutil.copytree(run_dir, into))
+    shutil.rmtree(copy / "checkpoints" / "step_00000004")
+    (copy / "checkpoints" / "LAST").write_text("step_00000002")
+    (copy / "summary.json").unlink()
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("saved", "parallel", "nproc"),
+    [("sharded", "fsdp", 2), ("sharded", "ddp", 2), ("sharded", "none", 1), ("sharded", "ddp", 1),
+     ("single", "fsdp", 2), ("single", "ddp", 2)],
+)  # fmt: skip
+def test_a_resume_continues_the_curve_at_any_world_size(
+    saved, parallel, nproc, request, tmp_path, cli_env, tiny_overrides, reference, monkeypatch
+):
+    """Killed after step 2 of 4, resumed with the same global batch (16 windows) on ``nproc`` ranks: the
+    same curve as the uninterrupted run, bit for bit at the world size it was saved at."""
+    source = request.getfixturevalue("sharded_dir" if saved == "sharded" else "reference_dir")
+    run_dir = killed_after_step_2(source, tmp_path / "run")
+    args = (*tiny_overrides, *RUN, f"trainer.batch_size={16 // nproc}", f"trainer.parallel={parallel}")
+    args = (*args, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    if nproc == 2:
+        torchrun("-m", "archlab.cli", "train", *args, cwd=tmp_path, env=cli_env)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        assert cli.main(["train", *QUIET_HYDRA, *args]) == 0
+    same_layout = (saved, parallel, nproc) == ("sharded", "fsdp", 2)
+    want = records_of(source) if same_layout else reference
+    assert_same_curve(records_of(run_dir)[1:], want[1:], atol=0.0 if same_layout else 1e-5)
+    resumed = json.loads((run_dir / "resumes.jsonl").read_text())
+    world = {"checkpoint": 2 if saved == "sharded" else 1, "now": nproc}
+    assert resumed["step"] == 2 and resumed["changed"].get("world_size", world) == world
+    assert checkpoint.is_sharded(checkpoint.latest(run_dir)) == (parallel != "none")
+
+
+def test_a_resume_that_changes_the_global_batch_is_refused(capsys, tmp_path, tiny_overrides, reference_dir):
+    run_dir = killed_after_step_2(reference_dir, tmp_path / "run")
+    args = [*tiny_overrides, *RUN, "trainer.batch_size=8", "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", *QUIET_HYDRA, *args])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "trainer.batch_size=8 is not allowed: expected 16:" in err and "global batch of 32 windows" in err
+    assert not (run_dir / "checkpoints" / "step_00000004").exists(), "training went on"
+
+
+def test_a_global_batch_no_split_fits_names_what_to_change():
+    saved = {"batch_size": 16, "grad_accum": 2}
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=5.*expected none \(32 windows do not split"):
+        resume.check_global_batch(Path("ckpt"), saved, 1, {"batch_size": 5, "grad_accum": 3}, 2)
+    resume.check_global_batch(Path("ckpt"), saved, 1, {"batch_size": 4, "grad_accum": 4}, 2)  # 4 x 4 x 2
 
 
 def test_ddp_without_torchrun_is_world_size_one(tmp_path, tiny_overrides, reference, monkeypatch):
@@ -132,11 +223,18 @@ def test_ddp_without_torchrun_is_world_size_one(tmp_path, tiny_overrides, refere
     assert not torch.distributed.is_initialized(), "the process group is left when the run ends"
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_moe_biases_agree_across_ranks_and_drift_without_the_sum(
-    tmp_path, cli_env, tiny_overrides, make_trainer
+    parallel, tmp_path, cli_env, tiny_overrides, make_trainer
 ):
     steps, out = 3, tmp_path / "biases.json"
-    overrides = [*tiny_overrides, *MOE, "trainer.device=cpu", "trainer.parallel=ddp", "trainer.batch_size=8"]
+    overrides = [
+        *tiny_overrides,
+        *MOE,
+        "trainer.device=cpu",
+        f"trainer.parallel={parallel}",
+        "trainer.batch_size=8",
+    ]
     torchrun(str(WORKER), str(out), str(steps), str(tmp_path / "run"), *overrides, cwd=tmp_path, env=cli_env)
     biases = json.loads(out.read_text())
     rank0, rank1 = biases["summed"]
@@ -150,31 +248,54 @@ def test_moe_biases_agree_across_ranks_and_drift_without_the_sum(
     assert rank0 != rank1, "without the sum each rank balances its own half: the biases must drift apart"
 
 
-def test_parallel_must_be_none_or_ddp(capsys, tiny_overrides, tmp_path):
+def test_parallel_must_be_none_ddp_or_fsdp(capsys, tiny_overrides, tmp_path):
     with pytest.raises(SystemExit) as exited:
         cli.main(
-            ["train", *tiny_overrides, *QUIET_HYDRA, f"hydra.run.dir={tmp_path}", "trainer.parallel=fsdp"]
+            ["train", *tiny_overrides, *QUIET_HYDRA, f"hydra.run.dir={tmp_path}", "trainer.parallel=zero3"]
         )
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "trainer.parallel='fsdp'" in err and "none or ddp" in err
+    assert "trainer.parallel='zero3'" in err and "none, ddp or fsdp" in err
     assert not (tmp_path / "checkpoints").exists(), "training started"
 
 
 def test_parallel_none_under_a_torchrun_of_two_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    refused = pytest.raises(ConfigError, match="trainer.parallel.*ddp under torchrun or SLURM")
+    refused = pytest.raises(ConfigError, match="trainer.parallel.*ddp or fsdp under torchrun or SLURM")
     with refused, distributed.process_group("none", torch.device("cpu")):
         pass
 
 
-def test_a_resume_at_another_world_size_is_refused(tmp_path, make_trainer):
-    run_dir = tmp_path / "run"
-    make_trainer(run_dir, "trainer.max_steps=1", "trainer.device=cpu").run()
-    resumed = make_trainer(run_dir, "trainer.max_steps=2", "trainer.device=cpu", "trainer.resume=auto")
-    resumed.ranks = dataclasses.replace(resumed.ranks, world_size=2)  # as a torchrun of 2 would have it
-    with pytest.raises(ResumeError, match="trained on 1 process.*this run has 2.*not built yet"):
-        resumed.run()
+@pytest.mark.slow
+def test_every_first_party_plugin_trains_under_fsdp(tmp_path, cli_env, tiny_overrides):
+    """At world size 2, batch 4 a rank: the same losses and eval as one process of 2 micro-batches of 4
+    (about a minute of CPU time: 12 students, each trained twice)."""
+    steps, out = 2, tmp_path / "plugins.json"
+    overrides = [*tiny_overrides, "trainer.device=cpu", "trainer.max_steps=4", "trainer.eval_tokens=512"]
+    torchrun(
+        str(PLUGINS_WORKER),
+        str(out),
+        str(steps),
+        str(tmp_path / "run"),
+        *overrides,
+        cwd=tmp_path,
+        env=cli_env,
+    )
+    results = json.loads(out.read_text())
+    assert {
+        "default",
+        "attention=mla",
+        "ffn=moe",
+        "residual=attnres",
+        "linear=ternary",
+        "head=medusa",
+    } <= set(results), sorted(results)
+    for case, runs in results.items():
+        got, want = runs["fsdp"], runs["single"]
+        assert len(got["losses"]) == steps and all(math.isfinite(v) for v in got["losses"]), case
+        pairs = zip([*got["losses"], got["val/bpb"]], [*want["losses"], want["val/bpb"]], strict=True)
+        diff = max(abs(g - w) for g, w in pairs)
+        assert diff <= 1e-5, f"{case}: max difference {diff:.3g}, fsdp {got} vs one process {want}"
 
 
 @pytest.mark.parametrize(
