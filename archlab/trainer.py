@@ -37,6 +37,7 @@ from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
+from archlab.onpolicy import OnPolicyStep
 from archlab.slots import BringsTokenizer, DepthWeightsReport, offers
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
@@ -288,6 +289,8 @@ class Trainer:
             grad_clip=self.t.grad_clip,
             autocast=self.autocast,
         )
+        if cfg.distill.on_policy > 0:  # with probability λ a step learns on the student's own samples
+            self.update = OnPolicyStep(self, objective_cfg)
         self.step = 0
         self.ckpt_root = info.run_dir / "checkpoints"
 
