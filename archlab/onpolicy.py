@@ -51,6 +51,7 @@ from archlab.generate import generate, supports_kv_cache
 from archlab.slots import is_causal
 from archlab.soft_targets import SoftTargets
 from archlab.step import MicroBatch
+from archlab.teacher import TeacherEnv
 
 #: Mixed into the seeds so that on-policy randomness never coincides with the data stream's.
 DRAW_STREAM, SAMPLE_STREAM = 0x6B64, 0x5A4D
@@ -139,13 +140,12 @@ def scored_batch(
 
 
 class OnPolicyStep:
-    """Wraps a trainer's optimizer step: on a drawn step (``draws_on_policy``) its micro-batches become
+    """Wraps a trainer's optimizer step (``trainer.update``; the teacher is built in ``env``, the trainer's
+    ``teacher_env``): on a drawn step (``draws_on_policy``) its micro-batches become
     the student's continuations of their prompts, scored by the teacher; logs the sampled fraction, the
     teacher's mean log-prob of the samples and the step's time split (sampling / teacher / update)."""
 
-    def __init__(self, trainer, objective_cfg) -> None:
-        from archlab.trainer import teacher_env
-
+    def __init__(self, trainer, objective_cfg, env: TeacherEnv) -> None:
         cfg = trainer.cfg
         if any(not is_causal(m) for m in trainer.model.modules()):
             raise ConfigError(
@@ -158,9 +158,7 @@ class OnPolicyStep:
         self.sampling = Sampling(float(d.sample_temperature), int(d.sample_top_k), float(d.sample_top_p))
         self.temperature = float(getattr(objective_cfg, "temperature", 1.0))
         teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
-        self.teacher = teacher_cls(
-            teacher_cfg, teacher_env(cfg, trainer.split, trainer.device, trainer.t.progress)
-        )
+        self.teacher = teacher_cls(teacher_cfg, env)
         self.teacher.prepare()
         # mode 3 (a teacher given privileged context) replaces this: tokens (b, t) -> (b, t, v) log-probs
         self.score: Callable[[Tensor], Tensor] = self.teacher.log_probs

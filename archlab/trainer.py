@@ -290,7 +290,9 @@ class Trainer:
             autocast=self.autocast,
         )
         if cfg.distill.on_policy > 0:  # with probability λ a step learns on the student's own samples
-            self.update = OnPolicyStep(self, objective_cfg)
+            self.update = OnPolicyStep(
+                self, objective_cfg, teacher_env(cfg, self.split, self.device, self.t.progress)
+            )
         self.step = 0
         self.ckpt_root = info.run_dir / "checkpoints"
 

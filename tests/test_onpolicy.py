@@ -15,6 +15,7 @@ from archlab.errors import ConfigError
 from archlab.generate import supports_kv_cache
 from archlab.onpolicy import OnPolicyStep, draws_on_policy
 from archlab.step import OptimizerStep
+from archlab.trainer import teacher_env
 
 PROMPT = 8
 NGRAM = ["teacher=ngram", "teacher.order=3", f"distill.prompt_len={PROMPT}"]
@@ -80,7 +81,8 @@ def test_lambda_zero_is_the_offline_run_bitwise(tmp_path, make_trainer):
     plain = make_trainer(tmp_path / "plain", *NGRAM)
     assert type(plain.update) is OptimizerStep  # λ = 0 builds nothing
     wrapped = make_trainer(tmp_path / "wrapped", *NGRAM)
-    wrapped.update = OnPolicyStep(wrapped, wrapped.objective)  # the wrapper itself, never drawing
+    env = teacher_env(wrapped.cfg, wrapped.split, wrapped.device, False)
+    wrapped.update = OnPolicyStep(wrapped, wrapped.objective, env)  # the wrapper itself, never drawing
     for _ in range(4):
         a, b = plain.train_step(), wrapped.train_step()
         assert a["train/loss"] == b["train/loss"] and b["train/on_policy/sampled"] == 0.0
