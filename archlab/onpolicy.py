@@ -183,8 +183,9 @@ class OnPolicyStep:
                 tokens = continuations(
                     t.model, offline.x[:, : self.prompt_len], self.n_new, self.sampling, generator
                 )
+                inputs = tokens[:, :-1].cpu()  # teachers take CPU tokens; waits for the device's samples
             middle = time.perf_counter()
-            teacher_logp = self.score(tokens[:, :-1].cpu()).to(t.device)
+            teacher_logp = self.score(inputs).to(t.device)
             batch, logp = scored_batch(tokens, self.prompt_len, teacher_logp, self.temperature)
             seconds["teacher_s"] += time.perf_counter() - middle
             seconds["sampling_s"] += middle - start
