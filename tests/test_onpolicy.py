@@ -173,3 +173,14 @@ def test_the_ngram_teacher_scores_contexts_it_never_saw(tmp_path, make_trainer):
         logp
     ).all()  # backed off to shorter contexts, down to 1/256: reverse KL stays finite
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(1, 8))
+
+
+def test_the_trained_teacher_s_identity_leaves_the_on_policy_fields_out(tmp_path):
+    """They cannot change a teacher trained with ce; keeping them out keeps cached teachers' hashes."""
+    from archlab.teacher import TeacherEnv
+    from archlab.teachers.trained import TrainedTeacher
+
+    split = type("Split", (), {"meta": {"path": "/corpus/abc"}})()
+    env = TeacherEnv(split=split, vocab_size=256, context=64, cache_dir=tmp_path, device=torch.device("cpu"))
+    described = TrainedTeacher(TrainedTeacher.Config(), env).identity()["config"]
+    assert "top_k" in described["distill"] and "on_policy" not in described["distill"]
