@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ commands:
   train [OVERRIDES]   train a student; Hydra overrides, e.g. attention=mha ffn=relu2
                       trainer.max_steps=20; -m for a multirun sweep; --help for the config
   plugins [--check]   list installed plugins per slot; --check exits 1 if any is broken
+  doctor              what this machine gives archlab (torch build, GPU, xformers, W&B, backends)
+                      and what to install for what is missing; exits 1 if something is broken
   generate CHECKPOINT --prompt TEXT [--temperature T --top-k K --top-p P]
                       [--draft [--draft-tree 4,2,1] [--compare]]
                       continue a prompt with a trained student (KV-cache decoding; --draft:
@@ -94,11 +97,7 @@ def train_job(cfg: DictConfig) -> float:
         print(f"archlab: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
-        print(
-            f"archlab: interrupted; the last checkpoint in {info.run_dir} is kept "
-            "(continue with trainer.resume=auto)",
-            file=sys.stderr,
-        )
+        print(f"archlab: {_interrupted(info.run_dir)}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     if not ranks.is_main:
         return float(summary["val/bpb"])
@@ -111,6 +110,23 @@ def train_job(cfg: DictConfig) -> float:
         + (", wandb/" if cfg.logger.backend.name == "wandb" else "")
     )
     return float(summary["val/bpb"])
+
+
+def _interrupted(run_dir: Path) -> str:
+    """What a Ctrl-C left: the step of the checkpoint kept, and the command that resumes from it."""
+    from archlab import checkpoint
+
+    try:
+        last = checkpoint.latest(run_dir)
+    except checkpoint.CheckpointError:
+        last = None
+    if last is None:
+        return f"interrupted before the first checkpoint; nothing to resume in {run_dir}"
+    overrides = [
+        o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "trainer.resume="))
+    ]
+    command = shlex.join(["archlab", "train", *overrides, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+    return f"interrupted; the checkpoint of step {checkpoint.step_of(last)} is kept; resume with: {command}"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -142,7 +158,11 @@ def train(args: list[str]) -> None:
 
 def teacher(args: list[str]) -> int:
     """``archlab teacher build [OVERRIDES]``: prepare the configured teacher and its soft-target cache;
-    ``archlab teacher sample CKPT ...``: a corpus sampled from a checkpoint (``archlab.sample_corpus``)."""
+    ``archlab teacher sample CKPT ...``: a corpus sampled from a checkpoint (``archlab.sample_corpus``).
+
+    Under torchrun (or the tasks of a SLURM step) the ranks share the build: each prepares the teacher
+    and fills its share of the windows, rank 0 publishes (``archlab.soft_targets``) and alone prints.
+    The cache covers the run the overrides describe on one process, whatever the build's world size."""
     if args[:1] == ["sample"]:
         from archlab import sample_corpus
 
@@ -150,27 +170,34 @@ def teacher(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="archlab teacher",
         description="Build (or find) the shared teacher and its soft targets for the run the overrides "
-        "describe, so that later runs and sweeps only read them.",
+        "describe, so that later runs and sweeps only read them; under torchrun the ranks share the build.",
     )
     parser.add_argument(
         "action", choices=["build"], help="build; `archlab teacher sample --help` for sampling"
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `archlab train`")
     opts = parser.parse_args(args)
+    from archlab import distributed
     from archlab.config import compose, validate
     from archlab.trainer import load_split, resolve_device, soft_targets_for
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    distributed.slurm_env()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    level = logging.INFO if main_rank else logging.WARNING  # one rank's log, each rank's warnings
+    logging.basicConfig(level=level, format="[%(asctime)s][%(name)s] %(message)s")
     cfg = compose(opts.overrides)
     validate(cfg)
     if cfg.teacher.plugin == "none":
         raise ConfigError("teacher", "none", "a teacher plugin to build, e.g. teacher=ngram")
     t = OmegaConf.to_object(cfg.trainer)
-    device = resolve_device(t.device)
-    split = load_split(cfg)
-    log.info(split.report())
-    _, objective_cfg = registry.configured("objective", cfg.objective)
-    targets = soft_targets_for(cfg, split, device, t, objective_cfg)
+    parallel = "ddp" if "WORLD_SIZE" in os.environ else "none"  # one process joins no group
+    with distributed.process_group(parallel, resolve_device(t.device)) as ranks:
+        split = load_split(cfg)
+        log.info(split.report())
+        _, objective_cfg = registry.configured("objective", cfg.objective)
+        targets = soft_targets_for(cfg, split, ranks.device, t, objective_cfg, builders=ranks)
+    if not ranks.is_main:
+        return 0
     print(f"teacher {cfg.teacher.plugin}: val bpb {targets.meta['teacher_val_bpb']:.4f}")
     print(
         f"soft targets ({targets.meta['train_windows']} train windows, top {targets.meta['top_k']}): "
@@ -346,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "plugins":
             return plugins(rest)
+        if command == "doctor":
+            from archlab import doctor
+
+            return doctor.main(rest)
         if command == "teacher":
             return teacher(rest)
         if command == "generate":
@@ -373,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archlab: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except (HydraException, OmegaConfBaseException) as exc:  # a config that does not compose
-        print(f"archlab: error: {_one_line(exc)}", file=sys.stderr)
+        from archlab import typos
+        from archlab.config import compose
+
+        print(f"archlab: error: {typos.hint(exc, rest, compose) or _one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # a read-only run dir, cache dir or --out
         if exc.errno not in NOT_WRITABLE:

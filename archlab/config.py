@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from archlab import registry, slots
+from archlab import registry, slots, typos
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
 from archlab.model import dims_from, linear_factory, slot_choices
@@ -227,6 +227,7 @@ def validate(cfg: DictConfig) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ConfigError("seed", seed, "an integer in [0, 2**64)")
+    _refuse_unread_keys(cfg)
     dims = dims_from(cfg)
     linear_factory(cfg, slot_choices(cfg)["linear"])
     check_backend(cfg.model.attention_backend)
@@ -250,6 +251,23 @@ def validate(cfg: DictConfig) -> None:
         from archlab.onpolicy import validate_on_policy
 
         validate_on_policy(cfg, dims, objective)
+
+
+def _refuse_unread_keys(cfg: DictConfig) -> None:
+    """Refuse a key that Hydra's ``+key=`` added to a dataclass section (trainer, model, ...): nothing reads
+    it, so the run would silently ignore it. Plugin slots are checked against their plugin's ``Config``
+    (``registry.configured``)."""
+    for section in cfg:
+        node = cfg._get_node(section)
+        if not isinstance(node, DictConfig) or "plugin" in node:
+            continue
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema):
+            continue
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys() - set(known):
+            hint = typos.nearest(str(key), known, "its keys")
+            raise ConfigError(f"{section}.{key}", node[key], f"a key of {section}{hint}")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from archlab import deprecation, slots
+from archlab import deprecation, slots, typos
 from archlab.errors import ConfigError, PluginError
 
 #: Names moved to ``archlab.slots`` (kinds of slot there): still importable, with a warning, for one release.
@@ -154,6 +154,10 @@ def configured(slot: str, node: DictConfig) -> tuple[type, Any]:
     cls = get(slot, node.plugin)
     fields = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     fields.pop("plugin")
+    known = [f.name for f in dataclasses.fields(cls.Config)]
+    for key in fields.keys() - set(known):  # a mistyped or +added key the plugin does not read
+        hint = typos.nearest(key, known, "its keys")
+        raise ConfigError(f"{slot}.{key}", fields[key], f"a key of the {node.plugin} {slot} plugin{hint}")
     return cls, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), fields))
 
 

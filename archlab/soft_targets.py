@@ -18,25 +18,40 @@ main job's 1.2 M training tokens), while the top 32 cost 96 B and carry the tail
 as one bucket. Files are checked against sizes and SHA-256 sums in ``meta.json`` on
 every load; a truncated or corrupted cache (or meta.json) is rebuilt, not trusted. A
 build whose estimated size exceeds the free disk space is refused before it starts.
+
+A build may be shared by the ranks of a torchrun or SLURM job (``ranks``): rank 0 alone takes
+the lock, decides, creates the temporary directory and tells the others its path; every rank
+prepares the teacher and fills its own contiguous run of whole batches of the same files (so
+each teacher forward sees the windows of the one-process build and the files come out
+byte-identical); rank 0 sums the validation nats in batch order, checksums and publishes.
+A failing rank fails the whole build (nothing is published, the temporary directory is
+removed) and every rank raises, each wait bounded by ``_Crew``'s timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.constants import default_pg_timeout
 from tqdm import tqdm
 
 from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta
 from archlab.data import TokenSplit, n_train_windows, stream_windows, windows
+from archlab.distributed import Ranks
 from archlab.durable import sha256_file
 from archlab.errors import ArchlabError
 
@@ -178,21 +193,104 @@ def _open(path: Path) -> TargetCache:
     return TargetCache(path, meta, arrays)
 
 
+class _CrewFailed(ArchlabError):
+    """A rank failed its share of a build; every rank knows it (it came back from ``_Crew.gather``)."""
+
+
+class _Crew:
+    """The processes building one cache together: rank 0 leads (lock, decision, publication), every
+    rank fills its share. They talk over a gloo group of their own, whose timeout covers rank 0's wait
+    for the lock (``distill.lock_timeout``) plus torch's default collective timeout (30 min) for the
+    rest, so a rank waits long for a slow one, never forever for a stuck one. One process alone needs
+    no group."""
+
+    def __init__(self, ranks: Ranks, lock_timeout: float) -> None:
+        self.rank, self.size = ranks.rank, ranks.world_size
+        # True while the other ranks wait for a word from rank 0 (and not in a gather)
+        self.listening = True
+        self.group = None
+        if self.size > 1:
+            timeout = default_pg_timeout + timedelta(seconds=lock_timeout)
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def tell(self, word: tuple[str, str] | None = None) -> tuple[str, str]:
+        """Rank 0's ``word`` on every rank: ("build", temp dir), ("ready", "") or ("failed", why)."""
+        self.listening = False  # they fill, or are done, until a gather hands them back to rank 0
+        if self.size == 1:
+            return word
+        box = [word]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        every: list = [None] * self.size
+        dist.all_gather_object(every, obj, group=self.group)
+        return every
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+
+
+def _batches(n: int, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """(first, count) of rank ``rank``'s batches of ``n`` windows: a contiguous run of whole batches of
+    ``size`` (the last batch may be short), runs of sizes differing by at most one batch. Whole batches,
+    because a batched teacher may round a window differently beside other windows."""
+    n_batches = -(-n // size)
+    mine = range(rank * n_batches // world_size, (rank + 1) * n_batches // world_size)
+    return [(b * size, min(size, n - b * size)) for b in mine]
+
+
+def _span(batches: list[tuple[int, int]]) -> str:
+    """``[first, end)`` of a run of batches, for the log."""
+    return f"[{batches[0][0]}, {sum(batches[-1])})" if batches else "[]"
+
+
+@contextlib.contextmanager
+def _writable(tmp: Path, meta: dict) -> Iterator[dict[str, tuple[int, np.dtype]]]:
+    """The cache's files in ``tmp`` open for writing rows in place: name -> (descriptor, dtype), each
+    fsynced and closed at the end. Rows are written with pwrite, not through a shared memory map: a map
+    writes whole pages back, so two ranks on two hosts of a network filesystem would overwrite each
+    other's rows in the page their slices share."""
+    fds: dict[str, tuple[int, np.dtype]] = {}
+    try:
+        for name, (_, dtype) in _shapes(meta).items():
+            fds[name] = (os.open(tmp / f"{name}.bin", os.O_WRONLY), dtype)
+        yield fds
+        for fd, _ in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd, _ in fds.values():
+            os.close(fd)
+
+
+def _write_rows(fd: int, first: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (whole rows of the array in ``fd``'s file) in place from row ``first`` on."""
+    data, offset = memoryview(rows.tobytes()), first * rows[0].nbytes
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
 @torch.no_grad()
 def _fill(
-    teacher, split: str, starts_of, n: int, arrays, temperature: float, req: TargetRequest, bar: tqdm
-) -> float:
-    """Write teacher targets for ``n`` windows; returns the teacher's total nats on their targets."""
-    nats = 0.0
-    for first in range(0, n, req.batch_size):
-        count = min(req.batch_size, n - first)
+    teacher, split: str, starts_of, batches, files, temperature: float, k: int, bar: tqdm
+) -> list[float]:
+    """Write teacher targets for ``batches`` ((first, count) windows); returns the teacher's nats on
+    each batch's targets (summed later in batch order, so any split of the batches adds up the same)."""
+    nats = []
+    for first, count in batches:
         x, y = starts_of(first, count)
         logprobs = teacher.log_probs(x).float().cpu()
-        nats -= float(logprobs.gather(-1, y[..., None]).sum())
+        nats.append(-float(logprobs.gather(-1, y[..., None]).sum()))
         tempered = torch.log_softmax(logprobs / temperature, dim=-1)
-        top = SoftTargets.from_logprobs(tempered, req.top_k)
-        arrays[f"{split}_ids"][first : first + count] = top.ids.numpy()
-        arrays[f"{split}_logprobs"][first : first + count] = top.logprobs.numpy()
+        top = SoftTargets.from_logprobs(tempered, k)
+        for name, values in (("ids", top.ids), ("logprobs", top.logprobs)):
+            fd, dtype = files[f"{split}_{name}"]
+            _write_rows(fd, first, values.numpy().astype(dtype))
         bar.update(count)
     return nats
 
@@ -231,17 +329,15 @@ def _check_space(path: Path, meta: dict) -> None:
         )
 
 
-def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress: bool) -> None:
-    meta = _meta(teacher, split, req)
-    _check_space(path, meta)
-    teacher.prepare()
-    tmp = make_tmp(path)
-    arrays = {
-        name: np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
-        for name, (shape, dtype) in _shapes(meta).items()
-    }
-    n_train = n_train_windows(split.train, req.context)
-    c = req.context
+def _fill_share(
+    tmp: Path, teacher, split: TokenSplit, req: TargetRequest, meta: dict, crew: _Crew, progress: bool
+) -> list[float]:
+    """This rank's share of the build in ``tmp``, then every rank's val nats per batch, in batch order.
+
+    A rank's failure is gathered with the others' results: it re-raises its own error and the others
+    raise ``_CrewFailed`` naming it, so no rank is left waiting for a share that will not come."""
+    c, size = req.context, req.batch_size
+    n_train = n_train_windows(split.train, c)
 
     def train_rows(first: int, count: int):
         return windows(split.train, stream_windows(n_train, req.seed, first, count) * c, c)
@@ -249,30 +345,105 @@ def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress:
     def val_rows(first: int, count: int):
         return windows(split.val, [i * c for i in range(first, first + count)], c)
 
-    total = req.train_windows + req.val_windows
-    with tqdm(total=total, desc="teacher targets", unit="window", disable=not progress) as bar:
-        _fill(teacher, "train", train_rows, req.train_windows, arrays, req.temperature, req, bar)
-        val_nats = _fill(teacher, "val", val_rows, req.val_windows, arrays, 1.0, req, bar)
-    for array in arrays.values():
-        array.flush()
-    meta["teacher_val_bpb"] = val_nats / split.val_window_bytes(c, req.val_windows).sum() / math.log(2)
-    meta["sha256"] = {name: sha256_file(tmp / f"{name}.bin") for name in arrays}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    publish(tmp, path)
+    train, val = (_batches(n, size, crew.rank, crew.size) for n in (req.train_windows, req.val_windows))
+    if crew.size > 1 and crew.rank == 0:
+        log.info(
+            "soft targets: %d ranks fill train windows %s and val windows %s", crew.size,
+            *(" ".join(_span(_batches(n, size, r, crew.size)) for r in range(crew.size))
+              for n in (req.train_windows, req.val_windows)),
+        )  # fmt: skip
+    error, nats = None, []
+    try:
+        teacher.prepare()
+        total = sum(n for _, n in train + val)
+        bar = tqdm(total=total, desc="teacher targets", unit="window", disable=not progress)
+        with bar, _writable(tmp, meta) as files:
+            _fill(teacher, "train", train_rows, train, files, req.temperature, meta["top_k"], bar)
+            nats = _fill(teacher, "val", val_rows, val, files, 1.0, meta["top_k"], bar)
+    except Exception as exc:  # gathered below, then re-raised
+        error = exc
+    shares = crew.gather((None if error is None else f"{type(error).__name__}: {error}", nats))
+    failed = [(rank, why) for rank, (why, _) in enumerate(shares) if why is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, why = failed[0]
+        raise _CrewFailed(f"rank {rank} of {crew.size} failed its share of the soft-target build: {why}")
+    crew.listening = True  # for rank 0's word on the publication
+    return [n for _, batch_nats in shares for n in batch_nats]
+
+
+def _build(path: Path, teacher, split: TokenSplit, req: TargetRequest, progress: bool, crew: _Crew) -> None:
+    """Rank 0, under the lock: the cache's files in a temporary directory, filled by every rank, then
+    verified and published."""
+    meta = _meta(teacher, split, req)
+    _check_space(path, meta)
+    tmp = make_tmp(path)
+    try:
+        for name, (shape, dtype) in _shapes(meta).items():
+            with open(tmp / f"{name}.bin", "wb") as f:
+                f.truncate(math.prod(shape) * dtype.itemsize)
+        crew.tell(("build", str(tmp)))
+        val_nats = sum(_fill_share(tmp, teacher, split, req, meta, crew, progress))
+        bytes_ = split.val_window_bytes(req.context, req.val_windows).sum()
+        meta["teacher_val_bpb"] = val_nats / bytes_ / math.log(2)
+        meta["sha256"] = {name: sha256_file(tmp / f"{name}.bin") for name in _shapes(meta)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing of a failed build is left to publish
+        raise
+
+
+def _follow(path: Path, teacher, split: TokenSplit, req: TargetRequest, crew: _Crew) -> TargetCache:
+    """Ranks 1..: fill a share of each build rank 0 starts, then verify and open what it published."""
+    while True:
+        kind, detail = crew.tell()
+        if kind == "failed":
+            raise ArchlabError(f"rank 0 could not build or load the soft targets {path}: {detail}")
+        if kind == "ready":
+            break
+        _fill_share(Path(detail), teacher, split, req, _meta(teacher, split, req), crew, progress=False)
+    try:
+        reason = _problem(path, req)
+    except Corrupt as exc:
+        reason = str(exc)
+    if reason is not None:
+        raise ArchlabError(f"the soft targets {path} that rank 0 published cannot be used: {reason}")
+    return _open(path)
 
 
 def build_or_load(
-    teacher, split: TokenSplit, req: TargetRequest, cache_dir: Path, progress: bool
+    teacher,
+    split: TokenSplit,
+    req: TargetRequest,
+    cache_dir: Path,
+    progress: bool,
+    ranks: Ranks | None = None,
 ) -> TargetCache:
-    """The soft targets ``req`` needs: found in the cache, or built once under a file lock."""
+    """The soft targets ``req`` needs: found in the cache, or built once under a file lock, by the
+    processes of ``ranks`` together (every rank calls this; default: this process alone)."""
     path = Path(cache_dir).expanduser() / "soft_targets" / cache_key(teacher.identity(), split, req)
-    return build_once(
-        path,
-        "soft-target",
-        problem=lambda: _problem(path, req),
-        build=lambda: _build(path, teacher, split, req, progress),
-        load=lambda: _open(path),
-        timeout=req.lock_timeout,
-        timeout_key="distill.lock_timeout",
-        label="soft targets",
-    )
+    crew = _Crew(ranks or Ranks(), req.lock_timeout)
+    try:
+        if crew.rank != 0:
+            return _follow(path, teacher, split, req, crew)
+        try:
+            cache = build_once(
+                path,
+                "soft-target",
+                problem=lambda: _problem(path, req),
+                build=lambda: _build(path, teacher, split, req, progress, crew),
+                load=lambda: _open(path),
+                timeout=req.lock_timeout,
+                timeout_key="distill.lock_timeout",
+                label="soft targets",
+            )
+        except Exception as exc:
+            if crew.listening:
+                crew.tell(("failed", f"{type(exc).__name__}: {exc}"))
+            raise
+        crew.tell(("ready", ""))
+        return cache
+    finally:
+        crew.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -293,7 +294,7 @@ class Study:
         for problem in calibration_problems(study):
             self.say(f"CALIBRATION FAILED: {problem}")
         loaded = load_runs(list(runs.values()))
-        index = write_report(loaded, fit, self.out / "report", study=study)
+        index = write_report(loaded, fit, self.out / "report", study=study, budget=self.budget)
         self.say(f"report written ({len(rung_runs)} ladder runs, {len(runs)} runs in all) -> study.json")
         if self.wandb:
             from archlab.report.publish import publish_if_possible
@@ -353,7 +354,8 @@ def summary_lines(study: dict) -> list[str]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Publish ``data`` as JSON at ``path``: temp file, fsync, rename (non-finite numbers become null)."""
+    """Publish ``data`` as JSON at ``path``: temp file, fsync, rename. JSON has no NaN or infinity: an
+    unknown number (NaN) is written as null, an unbounded interval end as the string "inf" or "-inf"."""
     text = json.dumps(_finite(data), indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -368,7 +370,9 @@ def _finite(node):
         return {k: _finite(v) for k, v in node.items()}
     if isinstance(node, list | tuple):
         return [_finite(v) for v in node]
-    if isinstance(node, float) and not (node == node and abs(node) != float("inf")):
+    if isinstance(node, float) and math.isinf(node):
+        return "inf" if node > 0 else "-inf"
+    if isinstance(node, float) and math.isnan(node):
         return None
     return node
 

@@ -180,9 +180,12 @@ def soft_targets_for(
     t: TrainerConfig,
     objective_cfg,
     world_size: int = 1,
+    builders: distributed.Ranks | None = None,
 ) -> TargetCache | None:
-    """The shared teacher's cached targets for this run (built once per sweep, by whichever process takes
-    the cache's lock first; the others wait on it), or None without a teacher."""
+    """The shared teacher's cached targets for a run of ``world_size`` ranks (built once per sweep, by the
+    process that takes the cache's lock first, with ``builders`` sharing its work: the ranks of a DDP run
+    or of ``archlab teacher build`` under torchrun; other processes wait on the lock), or None without a
+    teacher."""
     if cfg.teacher.plugin == "none":
         return None
     teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
@@ -206,7 +209,7 @@ def soft_targets_for(
         batch_size=cfg.distill.build_batch_size,
         lock_timeout=cfg.distill.lock_timeout,
     )
-    targets = build_or_load(teacher, split, request, cache_dir, t.progress)
+    targets = build_or_load(teacher, split, request, cache_dir, t.progress, builders)
     log.info("teacher %s: val bpb %.4f", cfg.teacher.plugin, targets.meta["teacher_val_bpb"])
     return targets
 
@@ -271,7 +274,7 @@ class Trainer:
         n_val = n_val_windows(self.split.val, cfg.model.context, self.t.eval_tokens)
         self.val_bytes = self.split.val_window_bytes(cfg.model.context, n_val)
         self.targets = soft_targets_for(
-            cfg, self.split, self.device, self.t, objective_cfg, self.ranks.world_size
+            cfg, self.split, self.device, self.t, objective_cfg, self.ranks.world_size, self.ranks
         )
         if self.t.init_from:
             init_from(self.model, self.t.init_from)

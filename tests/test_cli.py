@@ -247,7 +247,7 @@ def bad_run(tmp_path_factory, cli_runner) -> Callable[[str], tuple[subprocess.Co
     [
         ("model.n_heads=3", "model.n_heads", "divisor of model.d_model=128"),
         ("attention.n_kv_heads=3", "attention.n_kv_heads", "divisor of model.n_heads=4"),
-        ("attention=nope", "attention/nope", "mha"),
+        ("attention=nope", "attention=nope", "mha"),
         ("trainer.lr=abc", "trainer.lr", "abc"),
     ],
 )

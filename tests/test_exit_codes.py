@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,4 +56,11 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(cli_env: dict[str, str], tmp_pa
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr and "trainer.resume=auto" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    said = r"archlab: interrupted; the checkpoint of step \d+ is kept; resume with: .*"
+    assert re.fullmatch(said, line), line
+    # the command it prints resumes this run: same overrides, same run dir
+    resume = shlex.split(line.split("resume with: ", 1)[1])
+    assert resume[:2] == ["archlab", "train"] and "trainer.max_steps=100000" in resume
+    assert f"hydra.run.dir={tmp_path / 'run'}" in resume and resume[-1] == "trainer.resume=auto"

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import base64
+import csv
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from archlab.cli import main as cli_main
 from archlab.density import LadderFit, fit_ladder
 from archlab.errors import ConfigError
-from archlab.report import load_runs, table, write_report
-from archlab.report.figures import pareto
+from archlab.loggers import JsonlLogger
+from archlab.report import calibration, load_runs, table, write_report
+from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot, loss_curves, pareto
 from archlab.report.publish import build_wandb_report, has_credentials
+from archlab.report.runs import Run, check_shared
+from archlab.report.tables import THROUGHPUT_CAVEAT, notes
 
 E, A, ALPHA = 1.2, 30.0, 0.3
 LADDER_N = np.geomspace(3e4, 3e6, 5)
+STEPS, TOKENS_PER_STEP, TEACHER_BPB = 200, 8 * 128, 2.5
 
 
 def law(n: float) -> float:
@@ -42,10 +50,15 @@ def config(attention: str = "mha", ffn: str = "mlp", linear: str = "dense", grou
         "norm": {"plugin": "rmsnorm", "eps": 1e-6},
         "position": {"plugin": "rope", "theta": 10000.0},
         "head": {"plugin": "lm", "tied": True},
-        "corpus": {"plugin": "stdlib"},
-        "teacher": {"plugin": "ngram"},
-        "objective": {"plugin": "kd"},
-        "data": {"cache_dir": "${oc.env:ARCHLAB_CACHE,'~/.cache/archlab'}"},
+        "corpus": {"plugin": "stdlib", "suffixes": [".py", ".txt"]},
+        "teacher": {"plugin": "ngram", "order": 5},
+        "objective": {"plugin": "kd", "alpha": 1.0},
+        "distill": {"top_k": 32, "build_batch_size": 16},
+        "data": {
+            "val_fraction": 0.02,
+            "max_bytes": None,
+            "cache_dir": "${oc.env:ARCHLAB_CACHE,'~/.cache/archlab'}",
+        },
         "logger": {"backend": "wandb", "project": "archlab-test", "entity": None, "group": group},
         "seed": 0,
     }
@@ -62,8 +75,12 @@ def run_dir(
     cfg: dict | None = None,
     wandb_id: str | None = None,
     plot: bool = False,
+    steps: int = STEPS,
+    flops_per_token: float = 1e6,
 ) -> Path:
-    """A run dir as the trainer leaves it; ``bpb=None`` leaves it unfinished (no summary.json)."""
+    """A run dir as the trainer leaves it; ``bpb=None`` leaves it unfinished (no summary.json). Its
+    metrics.jsonl is written by the trainer's own logger: training loss every 10 steps, val bpb every 100
+    and at the end, a last line cut short by a kill."""
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg or config()))
     (path / ".hydra" / "overrides.yaml").write_text(
@@ -83,9 +100,20 @@ def run_dir(
             "weight_bytes/non_embedding": int(n * bytes_per_param),
             "kv_bytes_per_token": 1024,
             "tokens_per_s": 12345.6,
-            "train/steps": 200,
+            "train/steps": steps,
+            "train/tokens": steps * TOKENS_PER_STEP,
+            "train_flops_per_token": flops_per_token,
+            "teacher/val_bpb": TEACHER_BPB,
         }
         (path / "summary.json").write_text(json.dumps(summary))
+        logger = JsonlLogger(path)
+        for step in range(10, steps + 1, 10):
+            record = {"train/loss": 2.0 + 200 / step, "train/tokens": step * TOKENS_PER_STEP}
+            if step % 100 == 0 or step == steps:
+                record["val/bpb"] = bpb + 100 / step - 100 / steps
+            logger.log(record, step)
+        with (path / "metrics.jsonl").open("a") as f:
+            f.write('{"step": 999, "train/lo')
     if wandb_id:
         (path / "wandb" / f"offline-run-20261128_013124-{wandb_id}").mkdir(parents=True)
     if plot:
@@ -199,9 +227,15 @@ def test_report_table_densities_and_flags(written, fit) -> None:
 def test_report_writes_pngs_and_the_html_embeds_them(written) -> None:
     out = written[1].parent
     index = out / "index.html"
-    pngs = ["ladder_fit.png", "bpb_vs_params.png", "density.png", "runs/1/depth_weights.png"]
+    figures = ["ladder_fit.png", "bpb_vs_params.png", "density.png", "loss_curves.png"]
+    pngs = [*figures, "runs/1/depth_weights.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in figures:  # every figure's data beside it
+        with (out / name).with_suffix(".csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert rows and set(rows[0]) == {"panel", "series", "at", "value", "lo", "hi"}, name
+    assert not list(out.glob(".*tmp*"))  # published atomically: no temporary file left behind
     page = index.read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(embedded) == len(pngs)
@@ -293,6 +327,51 @@ def test_wandb_report_spec_builds_without_network(written, fit, monkeypatch) -> 
     spec = report._to_model()
     assert spec.display_name == "archlab: capability density"
     assert spec.project.name == "archlab-test" and spec.project.entity_name == "me"
+    # the blocks in order, and what each panel asks W&B for (its query, as the saved spec holds it)
+    kinds = [type(b).__name__ for b in report.blocks]
+    assert kinds == ["P", "H2", "MarkdownBlock", "P", "PanelGrid", "H2", "MarkdownBlock"]
+    assert report.blocks[0].text.startswith("Ladder: 5 runs at 5 sizes")
+    assert report.blocks[3].text == f"Teacher's validation bpb: {TEACHER_BPB:.4f}."
+    assert THROUGHPUT_CAVEAT in report.blocks[2].text
+    lines = {p.title: p for p in grid.panels if isinstance(p, wr.LinePlot)}
+    assert {(p.x, tuple(p.y)) for p in lines.values()} == {
+        ("train/tokens", ("val/bpb",)),
+        ("train/tokens", ("train/loss",)),
+    }
+    dumped = spec.model_dump(by_alias=True, exclude_none=True)
+    (saved_grid,) = [b for b in dumped["spec"]["blocks"] if b["type"] == "panel-grid"]
+    queries = {
+        (
+            p["viewType"],
+            p["config"].get("xAxis"),
+            tuple(p["config"].get("metrics") or [p["config"].get("yAxis")]),
+        )
+        for p in saved_grid["metadata"]["panelBankSectionConfig"]["panels"]
+    }
+    assert queries == {
+        ("Scatter Plot", "summary:params/non_embedding", ("summary:val/bpb",)),
+        ("Scatter Plot", "summary:params/active_non_embedding", ("summary:val/bpb",)),
+        ("Run History Line Plot", "train/tokens", ("val/bpb",)),
+        ("Run History Line Plot", "train/tokens", ("train/loss",)),
+        (
+            "Bar Chart",
+            None,
+            (
+                "summary_metrics.density/per_param",
+                "summary_metrics.density/per_active_param",
+                "summary_metrics.density/per_weight_byte",
+            ),
+        ),
+    }
+    (saved_runset,) = saved_grid["metadata"]["runSets"]
+    assert saved_runset["filters"]["filters"] == [
+        {
+            "key": {"section": "run", "name": "group"},
+            "op": "IN",
+            "value": ["2026-11-28_02-00-00"],
+            "disabled": False,
+        }
+    ]
 
 
 def test_publish_updates_run_summaries_and_saves_the_report(written, fit, monkeypatch, capsys) -> None:
@@ -373,3 +452,253 @@ def test_a_study_wandb_report_opens_with_its_calibration(written, fit, study_res
     assert "placebo" in verdicts and "control" in verdicts and "mla" in verdicts
     grid = next(b for b in report.blocks if isinstance(b, wr.PanelGrid))
     assert not any(isinstance(p, wr.BarPlot) for p in grid.panels)  # per-run densities left out
+
+
+# --- what each figure draws is what it names, and its axes fit the measured points -----------------------
+
+
+def _in_axes(ax, xy: np.ndarray, transform) -> np.ndarray:
+    """``xy`` (under the artist's ``transform``) in axes coordinates: the axes box is [0, 1]²."""
+    return ax.transAxes.inverted().transform(transform.transform(xy))
+
+
+def assert_legend_is_drawn(ax) -> None:
+    """Every legend entry has something in view: a line or point inside the axes, a band with an area
+    (shoelace formula, as a fraction of the axes box)."""
+    for artist, label in zip(*ax.get_legend_handles_labels(), strict=True):
+        if isinstance(artist, PolyCollection):  # fill_between
+            xy = np.concatenate(
+                [_in_axes(ax, p.vertices, artist.get_transform()) for p in artist.get_paths()]
+            )
+            x, y = xy[:, 0], xy[:, 1]
+            area = abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2
+            assert area > 1e-3, f"{label!r} is named but has no visible area"
+            continue
+        if isinstance(artist, Line2D):  # (axhline's x is in axes coordinates: its transform says so)
+            xy = _in_axes(ax, artist.get_xydata(), artist.get_transform())
+        else:  # scatter
+            xy = _in_axes(ax, np.asarray(artist.get_offsets()), artist.get_offset_transform())
+        inside = ((xy >= -1e-9) & (xy <= 1 + 1e-9)).all(axis=1)
+        assert inside.any(), f"{label!r} is named but nothing of it lies inside the axes"
+
+
+def _labels(ax) -> list[str]:
+    return ax.get_legend_handles_labels()[1]
+
+
+@pytest.fixture(scope="module")
+def fits(fit) -> dict[str, LadderFit]:
+    """Fits whose bootstrap band is zero-width (a noise-free ladder), unknown (3 sizes), or real (noisy)."""
+    n6 = np.geomspace(3e4, 3e6, 6)
+    noise = np.array([0.04, -0.03, 0.02, -0.04, 0.03, -0.02])
+    return {
+        "noise-free": fit,
+        "three sizes": fit_ladder(LADDER_N[:3], [law(n) for n in LADDER_N[:3]], n_boot=10),
+        "noisy": fit_ladder(n6, [law(n) + d for n, d in zip(n6, noise, strict=True)], n_boot=40),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "band"),
+    [("noise-free", "thinner than the line"), ("three sizes", "spread unknown"), ("noisy", None)],
+)
+def test_the_bootstrap_band_is_named_only_where_it_is_drawn(fits, written, name, band) -> None:
+    fit = fits[name]
+    axes = [ladder_plot(fit).fig.axes[0], *bpb_vs_params(written[0], fit).fig.axes]
+    for ax in axes:
+        assert_legend_is_drawn(ax)
+        named = "90% bootstrap band" in _labels(ax)
+        assert named == (band is None), _labels(ax)
+        if band is not None:  # the curve's label says why there is no band
+            assert band in next(label for label in _labels(ax) if label.startswith("ladder fit"))
+
+
+def test_the_ladder_axis_spans_its_points_not_the_floor() -> None:
+    """A fit whose floor E sits far below the points (E = 0) does not squeeze them into a strip."""
+    n = np.geomspace(3e4, 3e6, 5)
+    b = 5.0 * n**-0.1
+    flat = LadderFit(
+        E=0.0,
+        A=5.0,
+        alpha=0.1,
+        boot=np.tile([0.0, 5.0, 0.1], (10, 1)),
+        n_range=(n[0], n[-1]),
+        loss_range=(b.min(), b.max()),
+        residual_rms=0.0,
+        points=list(zip(n, b, strict=True)),
+    )
+    ax = ladder_plot(flat).fig.axes[0]
+    lo, hi = ax.get_ylim()
+    span = b.max() - b.min()
+    assert b.min() - 0.2 * span < lo < b.min() and b.max() < hi < b.max() + 0.2 * span
+    assert "floor E" not in _labels(ax)  # E = 0 lies outside the axis: not named either
+    assert_legend_is_drawn(ax)
+
+
+def _run(i: int, n_eff: float, lo: float, hi: float) -> Run:
+    density = {
+        "density/n_eff": n_eff,
+        "density/n_eff_lo": lo,
+        "density/n_eff_hi": hi,
+        "density/per_param": n_eff / 1e5,
+        "density/per_active_param": n_eff / 1e5,
+        "density/per_weight_byte": n_eff / 1e5,
+        "density/extrapolated": False,
+        "density/uncertain": True,
+    }
+    return Run(Path(f"r{i}"), f"run{i}", {"val/bpb": 2.0, "params/non_embedding": 1e5}, {}, density=density)
+
+
+def _whiskers(ax) -> tuple[int, int, int]:
+    """(error bars, arrows, "interval unknown" labels) drawn in ``ax``."""
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.text import Annotation
+
+    bars = sum(isinstance(c, ErrorbarContainer) for c in ax.containers)
+    notes_ = [t for t in ax.texts if isinstance(t, Annotation)]
+    arrows = sum(t.arrow_patch is not None for t in notes_)
+    return bars, arrows, sum("unknown" in t.get_text() for t in notes_)
+
+
+def test_no_whisker_without_both_interval_ends(study_result, tmp_path) -> None:
+    """A known interval is a whisker, an unbounded end an arrow, an unknown one words (never `[?, ?]`)."""
+    runs = [_run(0, 2e5, 1e5, 4e5), _run(1, 2e5, 1e5, math.inf), _run(2, 2e5, math.nan, math.nan)]
+    plot = density_bars(runs)
+    for ax in plot.fig.axes:
+        assert _whiskers(ax) == (2, 1, 1)
+    cells = [row[table(runs)[0].index("N_eff [90% CI]")] for row in table(runs)[1]]
+    assert cells == [
+        "2.00e+05 [1.00e+05, 4.00e+05]",
+        "2.00e+05 [1.00e+05, unbounded]",
+        "2.00e+05 (interval unknown)",
+    ]
+    plot.save(tmp_path / "density.png")
+    with (tmp_path / "density.csv").open() as f:
+        his = [row["hi"] for row in csv.DictReader(f)][:3]
+    assert his == ["4.0", "inf", "nan"]  # ρ's interval: N_eff's over N = 1e5
+    # the study's density intervals: an unbounded end is an arrow, an unknown one has no whisker
+    arms = [dict(a) for a in study_result["students"]]
+    roles = {a["role"]: a for a in arms}
+    roles["student"]["density_hi"] = math.inf
+    roles["placebo"]["density_lo"] = None
+    ax = calibration.density_plot(study_result | {"students": arms}).fig.axes[0]
+    assert _whiskers(ax) == (2, 1, 1)  # control and student (the baseline is the reference)
+
+
+def test_the_forest_plot_shades_the_detectable_difference_only_when_known(study_result) -> None:
+    def shaded(study: dict) -> tuple[int, str]:
+        ax = calibration.forest_plot(study).fig.axes[0]
+        return len(ax.patches), ax.get_xlabel()  # axvspan's patch is the only one
+
+    count, label = shaded(study_result)
+    assert count == 1 and "shaded: ± minimum detectable Δ" in label
+    unknown = study_result | {"calibration": study_result["calibration"] | {"mde_bpb": math.nan}}
+    count, label = shaded(unknown)
+    assert count == 0 and "shaded" not in label
+
+
+def test_tokens_per_s_carries_the_load_caveat(written) -> None:
+    runs, index = written
+    assert "tokens/s (wall clock)" in table(runs)[0]
+    assert THROUGHPUT_CAVEAT in notes(runs, None)
+    assert THROUGHPUT_CAVEAT in (index.parent / "report.md").read_text()
+
+
+def test_loss_curves_are_the_runs_metrics_against_tokens(written) -> None:
+    runs = written[0]
+    plot = loss_curves(runs)
+    train_ax, val_ax = plot.fig.axes
+    assert len(train_ax.lines) == len(runs)  # one per run
+    assert len(val_ax.lines) == len(runs) + 1  # and the teacher's reference
+    teacher = val_ax.lines[-1]
+    assert set(teacher.get_ydata()) == {TEACHER_BPB} and _labels(val_ax)[-1] == f"teacher {TEACHER_BPB:.3f}"
+    for run, line in zip(runs, val_ax.lines, strict=False):
+        assert list(line.get_xdata()) == [100 * TOKENS_PER_STEP, STEPS * TOKENS_PER_STEP]
+        assert line.get_ydata()[-1] == pytest.approx(run.bpb)  # the summary's val bpb is its last point
+    assert list(train_ax.lines[0].get_xdata()) == [s * TOKENS_PER_STEP for s in range(10, STEPS + 1, 10)]
+    for ax in (train_ax, val_ax):
+        assert_legend_is_drawn(ax)
+    assert "objective kd" in train_ax.get_ylabel()
+    assert {r[0] for r in plot.rows} == {
+        "training loss, objective kd (nats/token) vs training tokens",
+        "validation bits per byte vs training tokens",
+    }
+
+
+def test_loss_curves_read_what_the_trainer_writes(make_trainer, tmp_path) -> None:
+    """A real (tiny) training run's metrics.jsonl gives both curves, so a renamed key cannot hide them."""
+    trainer = make_trainer(tmp_path, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=1")
+    summary = trainer.run()
+    plot = loss_curves([Run(tmp_path, "tiny", summary, {})])
+    train_ax, val_ax = plot.fig.axes
+    assert len(train_ax.lines[0].get_xdata()) == 4 and len(val_ax.lines[0].get_xdata()) == 2
+    assert val_ax.lines[0].get_xdata()[-1] == summary["train/tokens"]
+    assert val_ax.lines[0].get_ydata()[-1] == pytest.approx(summary["val/bpb"])
+
+
+# --- every run of a report shares teacher, objective, data and budget ------------------------------------
+
+
+def _with(cfg: dict, key: str, value: object) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    node = cfg
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("teacher.order", 3),
+        ("teacher.plugin", "model"),
+        ("objective.alpha", 0.5),
+        ("distill.top_k", 8),
+        ("corpus.suffixes", [".py"]),
+        ("data.max_bytes", 400000),
+    ],
+)
+def test_a_report_refuses_runs_trained_differently(key, value, tmp_path, capsys) -> None:
+    a = run_dir(tmp_path / "a", bpb=2.0, n=1e5)
+    b = run_dir(tmp_path / "b", bpb=2.1, n=1e5, cfg=_with(config(), key, value))
+    with pytest.raises(ConfigError, match=re.escape(key)) as err:
+        write_report(load_runs([a, b]), None, tmp_path / "out")
+    assert str(a) in str(err.value) and str(b) in str(err.value)
+    assert cli_main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0]
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_a_report_refuses_a_different_token_budget_and_a_ladder_trained_differently(dirs, tmp_path, capsys):
+    a = run_dir(tmp_path / "a", bpb=2.0, n=1e5)
+    b = run_dir(tmp_path / "b", bpb=2.1, n=1e5, steps=100)
+    with pytest.raises(ConfigError, match=rf"train/tokens='{STEPS * TOKENS_PER_STEP} in .* but 102400 in "):
+        check_shared(load_runs([a, b]))
+    # students alike, but the ladder they are measured against was distilled from another teacher
+    ladder = multirun(tmp_path / "ladder")
+    other = _with(config(), "teacher.order", 3)
+    for i, n in enumerate(LADDER_N):
+        run_dir(ladder / str(i), bpb=law(n), n=n, cfg=other)
+    assert (
+        cli_main(["report", str(dirs["sweep"]), "--ladder", str(ladder), "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "teacher.order" in capsys.readouterr().err
+
+
+def test_a_flops_budget_compares_training_flops_to_within_a_step(tmp_path) -> None:
+    """``archlab study --budget flops`` gives a costlier arm fewer steps: its report passes budget=flops."""
+    base = run_dir(tmp_path / "base", bpb=2.0, n=1e5, steps=200, flops_per_token=1e6)
+    costly = run_dir(
+        tmp_path / "costly", bpb=2.0, n=1e5, steps=133, flops_per_token=1.5e6
+    )  # 199.5 steps' worth
+    off = run_dir(tmp_path / "off", bpb=2.0, n=1e5, steps=120, flops_per_token=1.5e6)
+    check_shared(load_runs([base, costly]), "flops")
+    with pytest.raises(ConfigError, match="train/tokens="):
+        check_shared(load_runs([base, costly]), "tokens")
+    with pytest.raises(ConfigError, match="train_flops_per_token"):
+        check_shared(load_runs([base, off]), "flops")
+    with pytest.raises(ConfigError, match="--budget"):
+        check_shared(load_runs([base]), "steps")

@@ -168,3 +168,17 @@ def test_quick_study_writes_a_calibrated_study_json(run_cli, tmp_path: Path) -> 
     assert html.index("Calibration") < html.index("Verdicts")
     for row in ["baseline", *rows]:
         assert row in html, row
+
+
+def test_study_json_keeps_an_unbounded_end_apart_from_an_unknown_number(tmp_path: Path) -> None:
+    """JSON has no infinity: an interval end past the fitted floor is written "inf", a NaN null, so a reader
+    of study.json can tell "unbounded" from "unknown"; nothing is left behind but the file."""
+    path = tmp_path / "study.json"
+    study.write_json(path, {"hi": float("inf"), "lo": -float("inf"), "x": float("nan"), "rows": [1.5, 2]})
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "hi": "inf",
+        "lo": "-inf",
+        "x": None,
+        "rows": [1.5, 2],
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["study.json"]

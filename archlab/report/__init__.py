@@ -4,9 +4,11 @@ with ``--wandb`` and credentials, a W&B Report.
     archlab report RUN_DIRS... [--ladder LADDER] [--out DIR] [--wandb] [--project P --entity E]
 
 RUN_DIRS are run dirs or multirun sweep dirs; LADDER is the dense reference ladder's multirun dir
-(fitted here, ``archlab.density``) or a saved fit JSON. The report holds the ladder fit with its
-bootstrap band, bpb vs (active) non-embedding parameters with the Pareto frontier, density bars,
-one table row per run, every note that says where not to trust a number, and each run's ``plots/``.
+(fitted here, ``archlab.density``) or a saved fit JSON. Runs (and a ladder dir's runs) must share
+teacher, objective, data and training budget (``runs.check_shared``), else the report is refused. The
+report holds the ladder fit with its bootstrap band, bpb vs (active) non-embedding parameters with the
+Pareto frontier, density bars, loss curves, one table row per run, every note that says where not to
+trust a number, and each run's ``plots/``; every figure's data is a CSV beside its PNG.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import json
 import shutil
 from pathlib import Path
 
+from archlab import durable
 from archlab.density import LadderFit
 from archlab.errors import ConfigError, check_out
 from archlab.report import calibration
-from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot
-from archlab.report.runs import Run, attach_density, load_ladder, load_runs
+from archlab.report.figures import bpb_vs_params, density_bars, ladder_plot, loss_curves
+from archlab.report.runs import BUDGETS, Run, attach_density, check_shared, load_ladder, load_runs
 from archlab.report.tables import fit_text, notes, table, varying_slots
 
 __all__ = ["Run", "load_runs", "write_report", "table", "notes", "main"]
+
+CSV_NOTE = "Each figure's data is a CSV beside its PNG in the report dir (same name, .csv)."
 
 
 def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, common, study) -> str:
@@ -38,7 +43,7 @@ def _markdown(title, fit, runs, figures, run_plots, header, rows, note_lines, co
         md += ["| " + " | ".join(row) + " |" for row in s_rows] + [""]
     md += ["## Ladder", "", fit_text(fit), ""]
     md += ["## Notes", "", *(f"- {n}" for n in note_lines or ["none"]), ""]
-    md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in figures), ""]
+    md += ["## Plots", "", *(f"![{p.stem}]({p.name}) ([data]({p.stem}.csv))" for p in figures), ""]
     md += ["## Runs", "", f"Common to all runs: {common or '–'}", ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -84,7 +89,7 @@ def _html(title, fit, runs, figures, run_plots, header, rows, note_lines, common
     out += [
         f"<h2>Ladder</h2><p>{e(fit_text(fit))}</p><h2>Notes</h2><ul>",
         *(f"<li>{e(n)}</li>" for n in note_lines or ["none"]),
-        "</ul><h2>Plots</h2>",
+        f"</ul><h2>Plots</h2><p>{e(CSV_NOTE)}</p>",
         *(f"<p>{_img(p)}</p>" for p in figures),
         f"<h2>Runs</h2><p>Common to all runs: {e(common or '–')}</p>",
         *_html_table(header, rows),
@@ -104,30 +109,36 @@ def write_report(
     title: str = "archlab: capability density",
     extra_notes: list[str] | None = None,
     study: dict | None = None,
+    budget: str = "tokens",
 ) -> Path:
-    """Write ``index.html`` (self-contained), ``report.md``, the PNGs, ``fit.json`` and ``runs.json``.
+    """Write ``index.html`` (self-contained), ``report.md``, the PNGs with a CSV of each one's data,
+    ``fit.json`` and ``runs.json``, each atomically.
 
-    Fills each run's ``density`` from ``fit`` first. With ``study`` (``archlab study``'s study.json) the
-    calibration panel, the verdicts, the Δbpb forest plot and the density intervals come first.
-    Returns the path of ``index.html``.
+    Refuses runs that differ in teacher, objective, data or ``budget`` (``check_shared``: tokens, or
+    flops for ``archlab study --budget flops``). Fills each run's ``density`` from ``fit``. With ``study``
+    (``archlab study``'s study.json) the calibration panel, the verdicts, the Δbpb forest plot and the
+    density intervals come first. Returns the path of ``index.html``.
     """
     if not runs:
         raise ConfigError("RUN_DIRS", "[]", "at least one finished run (a run dir with summary.json)")
+    check_shared(runs, budget)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    figures = []
+    plots = {}
     if study is not None:
-        figures.append(calibration.forest_plot(study, out / "delta_bpb.png"))
-        figures.append(calibration.density_plot(study, out / "density_intervals.png"))
+        plots["delta_bpb"] = calibration.forest_plot(study)
+        plots["density_intervals"] = calibration.density_plot(study)
     per_run_density = fit is not None and study is None  # a study's densities are its paired ones
     if per_run_density:
         attach_density(runs, fit)
     if fit is not None:
-        fit.save(out / "fit.json")
-        figures.append(ladder_plot(fit, out / "ladder_fit.png"))
-    figures.append(bpb_vs_params(runs, fit, out / "bpb_vs_params.png"))
+        durable.write_atomic(out / "fit.json", (json.dumps(fit.to_dict(), indent=1) + "\n").encode())
+        plots["ladder_fit"] = ladder_plot(fit)
+    plots["bpb_vs_params"] = bpb_vs_params(runs, fit)
     if per_run_density:
-        figures.append(density_bars(runs, out / "density.png"))
+        plots["density"] = density_bars(runs)
+    plots["loss_curves"] = loss_curves(runs)
+    figures = [plot.save(out / f"{name}.png") for name, plot in plots.items() if plot is not None]
     run_plots = []
     for i, run in enumerate(runs):
         dest = out / "runs" / str(i)
@@ -137,11 +148,14 @@ def write_report(
     header, rows = table(runs)
     note_lines = [*(extra_notes or []), *notes(runs, fit)]
     slots = set(varying_slots(runs))
-    common = ", ".join(f"{s}={p}" for s, p in sorted(runs[0].plugins.items()) if s not in slots)
+    shared = [f"{s}={p}" for s, p in sorted(runs[0].plugins.items()) if s not in slots]
+    if budget == "tokens" and "train/tokens" in runs[0].summary:  # check_shared made it every run's
+        shared.append(f"train/tokens={runs[0].summary['train/tokens']:,}")
+    common = ", ".join(shared)
     args = (title, fit, runs, figures, run_plots, header, rows, note_lines, common, study)
-    (out / "report.md").write_text(_markdown(*args))
+    durable.write_atomic(out / "report.md", _markdown(*args).encode())
     index = out / "index.html"
-    index.write_text(_html(*args))
+    durable.write_atomic(index, _html(*args).encode())
     records = [
         {
             "path": str(r.path),
@@ -155,7 +169,7 @@ def write_report(
         }
         for r in runs
     ]
-    (out / "runs.json").write_text(json.dumps(records, indent=1, default=float) + "\n")
+    durable.write_atomic(out / "runs.json", (json.dumps(records, indent=1, default=float) + "\n").encode())
     return index
 
 
@@ -169,6 +183,13 @@ def main(args: list[str]) -> int:
     parser.add_argument("--ladder", help="the dense ladder's multirun dir, or a saved fit JSON")
     parser.add_argument("--out", help="output dir (default: <first RUN_DIR>/report)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap refits of a ladder dir's fit")
+    parser.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="tokens",
+        help="what every run must share: training tokens (default), or training FLOPs (tokens × "
+        "train_flops_per_token, to within one step), as archlab study --budget flops trains its arms",
+    )
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
     parser.add_argument("--project", help="W&B project (default: the runs' logger.project)")
     parser.add_argument("--entity", help="W&B entity (default: the runs' logger.entity, else yours)")
@@ -180,8 +201,11 @@ def main(args: list[str]) -> int:
     out = check_out(Path(opts.out or Path(opts.runs[0]) / "report"), directory=True)
     skipped: list[str] = []
     runs = load_runs(opts.runs, skipped)
-    fit = load_ladder(opts.ladder, n_boot=opts.n_boot, notes=skipped) if opts.ladder else None
-    index = write_report(runs, fit, out, extra_notes=skipped)
+    check_shared(runs, opts.budget)  # before a ladder dir's fit, which takes a while
+    fit = None
+    if opts.ladder:
+        fit = load_ladder(opts.ladder, n_boot=opts.n_boot, notes=skipped, students=runs, budget=opts.budget)
+    index = write_report(runs, fit, out, extra_notes=skipped, budget=opts.budget)
     print(f"report: {index} (and {index.with_name('report.md').name}, PNGs beside it)")
     for line in notes(runs, fit):
         print(f"note: {line}")

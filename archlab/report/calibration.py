@@ -6,12 +6,13 @@ Reads the ``study.json`` of ``archlab study`` (``archlab.calibration``); drawn b
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from archlab.calibration import calibration_problems
+from archlab.report.figures import Plot, interval_mark
 
 COLORS = {"baseline": "black", "placebo": "tab:grey", "control": "tab:red", "student": "tab:blue"}
 HOW_TO_READ = (
@@ -85,46 +86,55 @@ def rows(study: dict) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
-def _interval_plot(ax, study: dict, key: str, ref: float, log: bool) -> None:
+def _interval_plot(plot: Plot, panel: str, study: dict, key: str, ref: float, log: bool) -> Axes:
+    """Each arm's ``key`` as a dot with its 90 % interval (``interval_mark``), the baseline's without."""
+    ax = plot.fig.add_subplot()
     arms = study["students"]
     for y, r in enumerate(arms):
         v, lo, hi = (math.nan if r[k] is None else r[k] for k in (key, f"{key}_lo", f"{key}_hi"))
         color = COLORS[r["role"]]
-        if math.isfinite(lo) and math.isfinite(hi) and r["role"] != "baseline":
-            ax.plot([lo, hi], [y, y], color=color, lw=2)
+        if r["role"] != "baseline":
+            interval_mark(ax, y, v, lo, hi, vertical=False, color=color)
         ax.plot([v], [y], "o", color=color)
+        plot.add(panel, f"{r['name']} ({r['role']})", y, v, lo, hi)
     ax.axvline(ref, color="black", ls="--", lw=0.8)
     ax.set_yticks(range(len(arms)), [f"{r['name']} ({r['role']})" for r in arms])
     ax.invert_yaxis()
     if log:
         ax.set_xscale("log")
     ax.grid(True, axis="x", which="both", alpha=0.3)
+    return ax
 
 
-def forest_plot(study: dict, path: Path) -> Path:
-    """Δbpb of every arm against the baseline with its 90 % interval (left of 0: better)."""
-    fig = Figure(figsize=(7.5, 0.45 * len(study["students"]) + 1.6), layout="constrained")
-    ax = fig.add_subplot()
-    _interval_plot(ax, study, "delta_bpb", 0.0, log=False)
+def forest_plot(study: dict) -> Plot:
+    """Δbpb of every arm against the baseline with its 90 % interval (left of 0: better), over the
+    shaded ± minimum detectable Δ where the study has one."""
+    plot = Plot(Figure(figsize=(7.5, 0.45 * len(study["students"]) + 1.6), layout="constrained"))
+    ax = _interval_plot(plot, "Δbpb vs baseline", study, "delta_bpb", 0.0, log=False)
     mde = study["calibration"]["mde_bpb"]
-    ax.axvspan(-mde, mde, color="grey", alpha=0.15, lw=0)
-    ax.set_xlabel(f"Δbpb vs baseline (90 % interval); shaded: ± minimum detectable Δ ({mde:.3f})")
+    label = "Δbpb vs baseline (90 % interval)"
+    if mde is not None and math.isfinite(mde):
+        ax.axvspan(-mde, mde, color="grey", alpha=0.15, lw=0)
+        label += f"; shaded: ± minimum detectable Δ ({mde:.3f})"
+        plot.add("Δbpb vs baseline", "minimum detectable Δ", "", mde, -mde, mde)
+    ax.set_xlabel(label)
     ax.set_title("Paired differences in validation bpb")
-    fig.savefig(path, dpi=110)
-    return path
+    return plot
 
 
-def density_plot(study: dict, path: Path) -> Path:
+def density_plot(study: dict) -> Plot:
     """Density per non-embedding parameter of every arm with its 90 % interval (log x; 1 = the baseline)."""
-    fig = Figure(figsize=(7.5, 0.45 * len(study["students"]) + 1.6), layout="constrained")
-    ax = fig.add_subplot()
-    _interval_plot(ax, study, "density", 1.0, log=True)
+    plot = Plot(Figure(figsize=(7.5, 0.45 * len(study["students"]) + 1.6), layout="constrained"))
+    ax = _interval_plot(plot, "density per non-embedding parameter", study, "density", 1.0, log=True)
     finite = [
-        v for r in study["students"] for v in (r["density_lo"], r["density_hi"]) if v and np.isfinite(v)
+        v
+        for r in study["students"]
+        for v in (r["density"], r["density_lo"], r["density_hi"])
+        if v and np.isfinite(v)
     ]
-    if finite:
-        ax.set_xlim(min(0.8, min(finite) / 1.2), max(1.25, max(finite) * 1.2))
-    ax.set_xlabel("capability density ρ = N_eff / N (90 % interval; log scale)")
+    if finite:  # room to the right for the arrow of an unbounded end
+        unbounded = any(r["density_hi"] == math.inf for r in study["students"])
+        ax.set_xlim(min(0.8, min(finite) / 1.2), max(1.25, max(finite) * (10 if unbounded else 1.2)))
+    ax.set_xlabel("capability density ρ = N_eff / N (90 % interval, arrow: unbounded; log scale)")
     ax.set_title("Capability density against the baseline's ladder")
-    fig.savefig(path, dpi=110)
-    return path
+    return plot

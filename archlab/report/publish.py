@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from archlab.density import LadderFit
 from archlab.report import calibration
 from archlab.report.runs import Run
-from archlab.report.tables import fit_text, notes, table
+from archlab.report.tables import fit_text, notes, table, teacher_text
 
 DEFAULT_PROJECT = "archlab"
 
@@ -49,7 +49,9 @@ def build_wandb_report(
     title: str | None = None,
     study: dict | None = None,
 ):
-    """The W&B Report object (no network): fit text, notes, bpb-vs-params scatters, density bars, run table.
+    """The W&B Report object (no network): fit text, notes, bpb-vs-params scatters, loss curves against
+    training tokens (the teacher's bpb in words: a W&B line plot has no reference line), density bars,
+    run table.
 
     With ``study`` (``archlab study``'s study.json) the calibration panel and the verdict table (Δbpb and
     density with their intervals) come first, and the per-run density bars are left out (a study's
@@ -95,6 +97,10 @@ def build_wandb_report(
             log_x=True,
         ),
     ]
+    panels += [
+        wr.LinePlot(title="validation bpb vs training tokens", x="train/tokens", y=["val/bpb"]),
+        wr.LinePlot(title="training loss vs training tokens", x="train/tokens", y=["train/loss"]),
+    ]
     if fit is not None and study is None:
         panels.append(
             wr.BarPlot(
@@ -113,6 +119,7 @@ def build_wandb_report(
         wr.P(fit_text(fit)),
         wr.H2("Notes"),
         wr.MarkdownBlock("\n".join(f"- {n}" for n in note_lines) or "none"),
+        wr.P(teacher_text(runs)),
         wr.PanelGrid(runsets=[runset], panels=panels),
         wr.H2("Runs"),
         wr.MarkdownBlock(_markdown_table(runs)),

@@ -1,9 +1,11 @@
-"""Finished runs read back from their run dirs: ``summary.json``, ``.hydra/`` and ``plots/*.png``."""
+"""Finished runs read back from their run dirs: ``summary.json``, ``metrics.jsonl``, ``.hydra/`` and
+``plots/*.png``; and the check that runs compared in one report were trained alike."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class Run:
     project: str | None = None
     entity: str | None = None
     plots: list[Path] = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # .hydra/config.yaml, unresolved ({} without one)
     density: dict = field(default_factory=dict)  # density_metrics() once a ladder is known
     error: str | None = None  # why the run has no density
 
@@ -96,6 +99,7 @@ def load_run(run_dir: Path, summary: dict) -> Run:
         project=logger.get("project"),
         entity=logger.get("entity"),
         plots=sorted((run_dir / "plots").glob("*.png")),
+        config=OmegaConf.to_container(cfg, resolve=False),
     )
 
 
@@ -139,8 +143,16 @@ def load_runs(paths: list[str | Path], notes: list[str] | None = None) -> list[R
     return runs
 
 
-def load_ladder(path: str | Path, *, n_boot: int = 200, notes: list[str] | None = None) -> LadderFit:
-    """A saved fit (``*.json``) or a fit of the ladder multirun's runs (N non-embedding, val bpb)."""
+def load_ladder(
+    path: str | Path,
+    *,
+    n_boot: int = 200,
+    notes: list[str] | None = None,
+    students: list[Run] = (),
+    budget: str = "tokens",
+) -> LadderFit:
+    """A saved fit (``*.json``) or a fit of the ladder multirun's runs (N non-embedding, val bpb); those
+    runs must have been trained like ``students`` (``check_shared``), or their curve measures nothing."""
     path = Path(path).expanduser()
     if path.is_file():
         try:
@@ -150,6 +162,7 @@ def load_ladder(path: str | Path, *, n_boot: int = 200, notes: list[str] | None 
                 "--ladder", str(path), f"a fit.json written by archlab report ({exc!r})"
             ) from None
     runs = load_runs([path], notes)
+    check_shared([*students, *runs], budget)
     return fit_ladder([r.n for r in runs], [r.bpb for r in runs], n_boot=n_boot)
 
 
@@ -160,3 +173,97 @@ def attach_density(runs: list[Run], fit: LadderFit) -> None:
             run.density = summary_density(fit, run.summary)
         except DensityError as exc:
             run.density, run.error = {}, str(exc)
+
+
+def teacher_bpbs(runs: list[Run]) -> list[float]:
+    """The teacher's validation bpb as the runs' summaries record it (``teacher/val_bpb``), each once."""
+    return sorted({float(r.summary["teacher/val_bpb"]) for r in runs if "teacher/val_bpb" in r.summary})
+
+
+def read_history(run: Run) -> list[dict]:
+    """The run's ``metrics.jsonl`` records (``archlab.loggers.JsonlLogger``) in step order, one per step;
+    a line that is not a whole record (one a kill cut short) is skipped; [] without the file."""
+    path = run.path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            by_step[record["step"]] = by_step.get(record["step"], {}) | record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+#: Config every run of one report must share (DESIGN.md: capability is the bpb of a student "trained
+#: under the same budget and teacher"), as dotted subtrees or leaves. data.cache_dir says where, not what.
+SHARED = ("teacher", "distill.top_k", "objective", "corpus", "data.val_fraction", "data.max_bytes")
+#: ``check_shared``'s notions of an equal training budget (``archlab study --budget``).
+BUDGETS = ("tokens", "flops")
+UNSET = "<unset>"
+
+
+def _leaves(node: object, key: str) -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {key: node}
+    return {k: v for name, child in node.items() for k, v in _leaves(child, f"{key}.{name}").items()}
+
+
+def _shared(run: Run) -> dict[str, object]:
+    """``SHARED``'s leaves of the run's config, each with its value (``UNSET`` where it has none)."""
+    out: dict[str, object] = {}
+    for key in SHARED:
+        node: object = run.config
+        for part in key.split("."):
+            node = node.get(part, UNSET) if isinstance(node, dict) else UNSET
+        out.update(_leaves(node, key))
+    return out
+
+
+def _budget(run: Run, budget: str) -> tuple[float, float]:
+    """(training budget, how far from equal it may be): tokens exactly; FLOPs = tokens × train FLOPs
+    per token to within one step, the rounding of ``archlab study --budget flops``."""
+    tokens = run.summary.get("train/tokens", math.nan)
+    if budget == "tokens":
+        return tokens, 0.0
+    per_token = run.summary.get("train_flops_per_token", math.nan)
+    step = tokens / run.summary.get("train/steps", math.nan)
+    return tokens * per_token, step * per_token
+
+
+def check_shared(runs: list[Run], budget: str = "tokens") -> None:
+    """Refuse runs that differ in teacher, objective, data (``SHARED``) or training budget, with one line
+    naming the first differing key, both values and both runs: their bpb differences would not be the
+    architecture's. Refusing, not splitting: a report's ladder fit and its notes hold for one set.
+
+    ``budget``: ``tokens`` (equal ``train/tokens``, what ``archlab report`` compares) or ``flops`` (equal
+    training FLOPs, what ``archlab study --budget flops`` gives each arm by changing its steps).
+    """
+    if budget not in BUDGETS:
+        raise ConfigError("--budget", budget, " or ".join(BUDGETS))
+    if not runs:
+        return
+    first, ref = runs[0], _shared(runs[0])
+    ref_budget, ref_slack = _budget(first, budget)
+    for run in runs[1:]:
+        values = _shared(run)
+        differing = [
+            k for k in sorted(ref.keys() | values.keys()) if ref.get(k, UNSET) != values.get(k, UNSET)
+        ]
+        if differing:
+            key = differing[0]
+            a, b = ref.get(key, UNSET), values.get(key, UNSET)
+        else:
+            own, slack = _budget(run, budget)
+            if abs(own - ref_budget) <= max(slack, ref_slack) or (math.isnan(own) and math.isnan(ref_budget)):
+                continue
+            key = "train/tokens" if budget == "tokens" else "train/tokens × train_flops_per_token"
+            a, b = (UNSET if math.isnan(v) else f"{v:.6g}" for v in (ref_budget, own))
+        raise ConfigError(
+            key,
+            f"{a} in {first.path} but {b} in {run.path}",
+            "one value in every run of a report (teacher, objective, data and training budget are shared; "
+            "report these runs separately)",
+        )

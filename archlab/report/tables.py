@@ -8,7 +8,7 @@ import itertools
 import math
 
 from archlab.density import LadderFit
-from archlab.report.runs import Run
+from archlab.report.runs import Run, teacher_bpbs
 
 # (header, summary key) of the measured columns, in table order
 COLUMNS = (
@@ -18,7 +18,7 @@ COLUMNS = (
     ("N active (non-emb)", "params/active_non_embedding"),
     ("weight bytes (non-emb)", "weight_bytes/non_embedding"),
     ("KV bytes/token", "kv_bytes_per_token"),
-    ("tokens/s", "tokens_per_s"),
+    ("tokens/s (wall clock)", "tokens_per_s"),
     ("val bpb", "val/bpb"),
     ("KL teacher", "val/kl_teacher_student"),
 )
@@ -36,8 +36,12 @@ def _num(v: float | None, digits: int = 4) -> str:
     return f"{v:.3g}" if abs(v) < 1e-3 else f"{v:.{digits}f}"
 
 
-def _size(v: float) -> str:
-    return "∞" if math.isinf(v) else "?" if math.isnan(v) else f"{v:.2e}"
+def interval(v: float, lo: float, hi: float) -> str:
+    """``v [lo, hi]`` for a 90 % interval, saying "unbounded" for an infinite end and "interval unknown"
+    where an end is unknown (NaN), never ``[?, ?]``."""
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{v:.2e} (interval unknown)"
+    return f"{v:.2e} [{lo:.2e}, {'unbounded' if math.isinf(hi) else f'{hi:.2e}'}]"
 
 
 def varying_slots(runs: list[Run]) -> list[str]:
@@ -66,11 +70,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         flags = [f for f in ("extrapolated", "uncertain") if d.get(f"density/{f}")]
         if r.error:
             flags.append("no N_eff: loss ≤ E")
-        n_eff = (
-            f"{_size(d['density/n_eff'])} [{_size(d['density/n_eff_lo'])}, {_size(d['density/n_eff_hi'])}]"
-            if d
-            else "–"
-        )
+        n_eff = interval(d["density/n_eff"], d["density/n_eff_lo"], d["density/n_eff_hi"]) if d else "–"
         rows.append(
             [
                 str(i),
@@ -88,9 +88,16 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+#: Why tokens/s compares runs only on one idle machine; the trainer records no CPU time to divide by.
+THROUGHPUT_CAVEAT = (
+    "tokens/s is wall-clock throughput on whatever machine and load each run had (runs sharing CPU cores "
+    "with other jobs run slower): compare it only between runs timed on the same otherwise idle machine"
+)
+
+
 def notes(runs: list[Run], fit: LadderFit | None) -> list[str]:
     """Everything that limits how far the numbers can be trusted."""
-    out = []
+    out = [THROUGHPUT_CAVEAT] if any("tokens_per_s" in r.summary for r in runs) else []
     if fit is None:
         out.append("no ladder given (--ladder): no effective sizes or densities, only bpb vs parameters")
         return out
@@ -106,11 +113,12 @@ def notes(runs: list[Run], fit: LadderFit | None) -> list[str]:
             )
         if r.density.get("density/uncertain"):
             lo, hi = r.density["density/n_eff_lo"], r.density["density/n_eff_hi"]
-            spread = (
-                "is unknown (see the ladder fit)"
-                if math.isnan(lo)
-                else f"[{lo:.3g}, {hi:.3g}] spans more than a factor 2"
-            )
+            if math.isnan(lo) or math.isnan(hi):
+                spread = "is unknown (see the ladder fit)"
+            elif math.isinf(hi):
+                spread = f"[{lo:.3g}, unbounded] has no upper end (some refits put E above this loss)"
+            else:
+                spread = f"[{lo:.3g}, {hi:.3g}] spans more than a factor 2"
             out.append(f"#{i} {r.name}: N_eff's 90% interval {spread}")
         if r.density and "weight_bytes/non_embedding" not in r.summary:
             out.append(f"#{i} {r.name}: no weight_bytes/non_embedding in its summary: no density per byte")
@@ -138,3 +146,11 @@ def fit_text(fit: LadderFit | None) -> str:
         f"(residual RMS {fit.residual_rms:.4f} bpb, {len(fit.boot)} bootstrap refits). "
         "N_eff = (A / (L − E))^(1/α); ρ = N_eff / N."
     )
+
+
+def teacher_text(runs: list[Run]) -> str:
+    """The teacher's validation bpb, the reference for the loss curves."""
+    bpbs = teacher_bpbs(runs)
+    if not bpbs:
+        return "No teacher bpb recorded (teacher=none, or runs older than teacher/val_bpb)."
+    return "Teacher's validation bpb: " + ", ".join(f"{b:.4f}" for b in bpbs) + "."
