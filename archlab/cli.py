@@ -44,6 +44,9 @@ commands:
   teacher build [OVERRIDES]
                       build the configured teacher and its soft-target cache once, so that
                       later runs and sweeps with the same overrides only read them
+  teacher sample CHECKPOINT --prompts N --temperature T --top-p P [--samples-per-prompt K] --out DIR
+                      a corpus sampled from a checkpoint, with a provenance manifest, for
+                      corpus=files (sequence-level KD; SSD when it is the student's own run)
   export CHECKPOINT --packed [--out PATH]
                       write the student as one packed safetensors file (ternary: 2 bits per weight);
                       `generate` reads it too
@@ -154,17 +157,24 @@ def train(args: list[str]) -> None:
 
 
 def teacher(args: list[str]) -> int:
-    """``archlab teacher build [OVERRIDES]``: prepare the configured teacher and its soft-target cache.
+    """``archlab teacher build [OVERRIDES]``: prepare the configured teacher and its soft-target cache;
+    ``archlab teacher sample CKPT ...``: a corpus sampled from a checkpoint (``archlab.sample_corpus``).
 
     Under torchrun (or the tasks of a SLURM step) the ranks share the build: each prepares the teacher
     and fills its share of the windows, rank 0 publishes (``archlab.soft_targets``) and alone prints.
     The cache covers the run the overrides describe on one process, whatever the build's world size."""
+    if args[:1] == ["sample"]:
+        from archlab import sample_corpus
+
+        return sample_corpus.main(args[1:])
     parser = argparse.ArgumentParser(
         prog="archlab teacher",
         description="Build (or find) the shared teacher and its soft targets for the run the overrides "
         "describe, so that later runs and sweeps only read them; under torchrun the ranks share the build.",
     )
-    parser.add_argument("action", choices=["build"])
+    parser.add_argument(
+        "action", choices=["build"], help="build; `archlab teacher sample --help` for sampling"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `archlab train`")
     opts = parser.parse_args(args)
     from archlab import distributed

@@ -119,13 +119,43 @@ class DistillConfig:
     top_k: int = 32  # teacher ids and log-probs cached per token; the tail is one "rest" bucket
     build_batch_size: int = 16  # windows per teacher forward while building the soft-target cache
     lock_timeout: float = 3600.0  # seconds to wait for another process's build of the same soft targets
+    # on-policy distillation (GKD, archlab.onpolicy): the probability λ that a step learns on the student's
+    # own continuations of prompts, scored by the teacher online; 0 = only the cached, teacher-forced targets
+    on_policy: float = 0.0
+    prompt_len: int = 32  # tokens of each training window kept as the prompt
+    sample_tokens: int = 0  # tokens the student samples after the prompt; 0 = up to model.context
+    sample_temperature: float = 1.0  # 0 = greedy
+    sample_top_k: int = 0  # 0 = off
+    sample_top_p: float = 1.0  # 1 = off
 
     def validate(self) -> None:
-        for key in ("top_k", "build_batch_size"):
+        for key in ("top_k", "build_batch_size", "prompt_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"distill.{key}", getattr(self, key), "a positive integer")
         if self.lock_timeout < 0:
             raise ConfigError("distill.lock_timeout", self.lock_timeout, "a number of seconds >= 0")
+        checks = (
+            ("on_policy", 0.0 <= self.on_policy <= 1.0, "a probability in [0, 1]"),
+            ("sample_tokens", self.sample_tokens >= 0, "an integer >= 0 (0 = up to model.context)"),
+            ("sample_temperature", 0.0 <= self.sample_temperature < math.inf, "a finite number >= 0"),
+            ("sample_top_k", self.sample_top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("sample_top_p", 0.0 < self.sample_top_p <= 1.0, "a number in (0, 1]"),
+        )
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"distill.{key}", getattr(self, key), allowed)
+
+
+#: DistillConfig fields added after trained teachers were first cached: a teacher trains with objective=ce,
+#: so they cannot change it, and its identity leaves them out to keep the cached teachers' hashes.
+ON_POLICY_FIELDS = (
+    "on_policy",
+    "prompt_len",
+    "sample_tokens",
+    "sample_temperature",
+    "sample_top_k",
+    "sample_top_p",
+)
 
 
 @dataclass
@@ -217,6 +247,10 @@ def validate(cfg: DictConfig) -> None:
             )
     else:
         registry.configured("teacher", cfg.teacher)
+    if cfg.distill.on_policy > 0:
+        from archlab.onpolicy import validate_on_policy
+
+        validate_on_policy(cfg, dims, objective)
 
 
 def _refuse_unread_keys(cfg: DictConfig) -> None:

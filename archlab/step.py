@@ -25,11 +25,14 @@ from archlab.slots import StepEndHook, offering
 
 @dataclass
 class MicroBatch:
-    """Inputs ``x`` and labels ``y`` (b, t); the teacher's soft targets of the same windows, or None."""
+    """Inputs ``x`` and labels ``y`` (b, t); the teacher's soft targets of the same windows, or None;
+    ``mask`` (b, t), True where the loss counts (None: everywhere; on-policy batches count only the
+    student's sampled positions)."""
 
     x: Tensor
     y: Tensor
     soft: object | None = None
+    mask: Tensor | None = None
 
 
 class NonFiniteStep(Exception):
@@ -85,7 +88,7 @@ class OptimizerStep:
                     ctx = self.model.new_context(batch.x)
                     logits = self.forward(batch.x, ctx)
                     self.model.aux_losses(ctx, batch.y, batch.soft)
-                    loss = self.objective(logits, batch.y, batch.soft)
+                    loss = self.objective(logits, batch.y, batch.soft, batch.mask)
                     total = ctx.add_aux_losses(loss)
                 (total / len(batches)).backward()
             for name, value in {"loss": loss.detach(), "total_loss": total.detach(), **ctx.metrics}.items():

@@ -36,6 +36,7 @@ from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
+from archlab.onpolicy import OnPolicyStep
 from archlab.slots import BringsTokenizer, offers
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
@@ -293,6 +294,10 @@ class Trainer:
             grad_clip=self.t.grad_clip,
             autocast=self.autocast,
         )
+        if cfg.distill.on_policy > 0:  # with probability λ a step learns on the student's own samples
+            self.update = OnPolicyStep(
+                self, objective_cfg, teacher_env(cfg, self.split, self.device, self.t.progress)
+            )
         self.step = 0
         self.state = TrainState(
             cfg, self.t, info.run_dir, self.model, self.optimizer, self.scheduler, self.ranks, lr_factor

@@ -43,11 +43,19 @@ What is measured
        time stays flat, because the cache is built once. The online variant's grows by one
        teacher build plus one teacher pass over the student's batches.
 
+    3. On-policy (GKD, ``distill.on_policy=λ``; ``archlab.onpolicy``). Three trainers of the kd config,
+       λ = 0 (offline: cached targets), 0.5 and 1, step interleaved after the warmup; each step's own
+       metrics give its split into sampling (the student's continuations through its KV cache),
+       teacher (scoring them online) and update (the optimizer step). The ratio to the offline step is
+       the median of per-repeat ratios, as in part 1. Prompts are ``--prompt-len`` tokens (default
+       context / 8) and the student samples the rest of the context. No target: on CPU sampling token
+       by token costs far more than a step, which is the point of measuring it.
+
     Threads default to 1 (``--threads`` changes it): on a 2-core machine shared with other
     processes, two intra-op threads contend with them, and a step can take ten times longer.
 
 How to run
-    python benchmarks/distill_overhead.py              # tiny preset, ngram teacher, K=4: ~2 min, 2 cores
+    python benchmarks/distill_overhead.py              # tiny preset, ngram teacher, K=4: ~4 min, 2 cores
     python benchmarks/distill_overhead.py --k 8 --sweep-steps 10 --json distill.json
     python benchmarks/distill_overhead.py --teacher trained   # a small teacher, trained once per variant
     python benchmarks/distill_overhead.py --override model.d_model=64 data.max_bytes=2000000
@@ -396,6 +404,57 @@ def step_overhead(args: argparse.Namespace, root: Path) -> tuple[dict, TokenSpli
     return results, split, kd_cfg
 
 
+# --------------------------------------------------------------------------- 3. on-policy
+
+ON_POLICY = (0.0, 0.5, 1.0)
+
+
+def on_policy(args: argparse.Namespace, root: Path, split: TokenSplit) -> dict:
+    """Part 3: offline kd steps against on-policy ones at λ = 0.5 and 1, each split by the step's metrics."""
+    max_steps = args.warmup + args.repeats
+    prompt = args.prompt_len or compose_config(args, root, 1, kd_choice(args)).model.context // 8
+    trainers, split_s = {}, {}
+    for lam in ON_POLICY:
+        extra = [f"distill.on_policy={lam}", f"distill.prompt_len={prompt}"]
+        cfg = compose_config(args, root, max_steps, [*kd_choice(args), *extra])
+        validate(cfg)
+        trainers[lam] = trainer_for(cfg, split, root, f"on-policy-{lam}")  # part 1 built the cache
+        split_s[lam] = []
+    for _ in range(args.warmup):
+        for trainer in trainers.values():
+            trainer.train_step()
+
+    def timed(lam: float) -> Callable[[], None]:
+        def run() -> None:
+            start = time.perf_counter()
+            metrics = trainers[lam].train_step()
+            sync(trainers[lam].device)
+            whole = time.perf_counter() - start  # λ = 0 has no on-policy wrapper: all of it is the update
+            parts = {k: metrics.get(f"train/time/{k}_s", 0.0) for k in ("sampling", "teacher")}
+            split_s[lam].append({**parts, "update": metrics.get("train/time/update_s", whole)})
+
+        return run
+
+    times = interleaved({str(lam): timed(lam) for lam in ON_POLICY}, args.repeats)
+    offline = times[str(ON_POLICY[0])]
+    rows = []
+    for lam in ON_POLICY:
+        ts, parts = times[str(lam)], split_s[lam]
+        rows.append(
+            {
+                "on_policy": lam,
+                "ms_per_step": 1e3 * statistics.median(ts),
+                "ratio": statistics.median(a / b for a, b in zip(ts, offline, strict=True)),
+                "sampled_steps": sum(p["sampling"] > 0 for p in parts),
+                **{
+                    f"{k}_ms": 1e3 * statistics.mean(p[k] for p in parts)
+                    for k in ("sampling", "teacher", "update")
+                },
+            }
+        )
+    return {"prompt_len": prompt, "sample_tokens": trainers[1.0].update.n_new, "rows": rows}
+
+
 # --------------------------------------------------------------------------- 2. sweep
 
 
@@ -570,6 +629,20 @@ def format_report(r: dict) -> str:
         )
     on = w["online"]["students"]
     added, check = w["added_student"], w["targets_check"]
+    o = r["on_policy"]
+    lines_on = [
+        "",
+        f"3. on-policy: prompts of {o['prompt_len']} tokens + {o['sample_tokens']} sampled; {s['repeats']}"
+        " interleaved repeats; split = mean ms per step (over all steps, off-policy ones included)",
+        f"  {'lambda':<8}{'ms/step':>10}{'x offline':>11}{'sampled':>9}"
+        f"{'sampling':>10}{'teacher':>9}{'update':>9}",
+    ]
+    for row in o["rows"]:
+        lines_on.append(
+            f"  {row['on_policy']:<8}{row['ms_per_step']:>10.1f}{row['ratio']:>11.2f}"
+            f"{row['sampled_steps']:>5}/{s['repeats']:<3}{row['sampling_ms']:>10.1f}{row['teacher_ms']:>9.1f}"
+            f"{row['update_ms']:>9.1f}"
+        )
     lines += [
         f"  teacher time per added student: cached {added['cached_teacher_s']:.3f} s,"
         f" online {added['online_teacher_s']:.2f} s"
@@ -585,7 +658,7 @@ def format_report(r: dict) -> str:
         f"  target teacher cost O(1) in K (built once, never run by cached students):"
         f" {'met' if w['teacher_cost_constant'] else 'NOT met'}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + lines_on)
 
 
 # --------------------------------------------------------------------------- main
@@ -609,6 +682,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each trainer first")
     p.add_argument("--k", type=int, default=4, help="students in the sweep")
     p.add_argument("--sweep-steps", type=int, default=20, help="training steps of each sweep student")
+    p.add_argument("--prompt-len", type=int, default=0, help="on-policy prompt tokens (0: context / 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--cache-dir", type=Path, default=None, help="data.cache_dir (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -645,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "device": str(resolve_device(kd_cfg.trainer.device)),
             "step": step,
             "sweep": sweep(args, root, split),
+            "on_policy": on_policy(args, root, split),
         }
     return publish(results, format_report(results), args.json)
 

@@ -71,10 +71,20 @@ def test_benchmark_runs_builds_the_teacher_once_and_writes_json(bench, tmp_path,
     assert sweep["teacher_cost_constant"] is True
     assert sweep["targets_check"]["positions"] == 2 * 32
 
+    rows = {row["on_policy"]: row for row in results["on_policy"]["rows"]}
+    assert sorted(rows) == [0.0, 0.5, 1.0] and results["on_policy"]["prompt_len"] == 4
+    assert rows[0.0]["sampled_steps"] == rows[0.0]["sampling_ms"] == rows[0.0]["teacher_ms"] == 0
+    assert rows[0.0]["ratio"] == 1.0 and rows[0.0]["update_ms"] > 0
+    assert (
+        rows[1.0]["sampled_steps"] == 2
+        and min(rows[1.0][f"{k}_ms"] for k in ("sampling", "teacher", "update")) > 0
+    )
+
     assert json.loads(out.read_text())["step"]["ratio"] == pytest.approx(step["ratio"])
     printed = capsys.readouterr().out
     assert "ratio kd/ce" in printed and "target ratio kd/ce <= 1.1" in printed
     assert "teacher builds: cached 1, online 2" in printed
+    assert "3. on-policy: prompts of 4 tokens + 28 sampled" in printed
 
 
 def test_the_meter_restores_the_teacher_class(bench):

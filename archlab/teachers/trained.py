@@ -44,7 +44,7 @@ class TrainedTeacher:
         overrides: list[str] = field(default_factory=lambda: list(DEFAULT_OVERRIDES))
 
     def __init__(self, cfg: Config, env: TeacherEnv) -> None:
-        from archlab.config import compose, validate
+        from archlab.config import ON_POLICY_FIELDS, compose, validate
 
         self.env = env
         fixed = [
@@ -69,6 +69,8 @@ class TrainedTeacher:
         ):  # how runs log and find the corpus; corpus_key says what it is
             described.pop(key)
         described["trainer"].pop("progress")
+        for key in ON_POLICY_FIELDS:
+            described["distill"].pop(key)
         self._identity = {"plugin": "trained", "config": described, "corpus": env.corpus_key}
         digest = hashlib.sha256(json.dumps(self._identity, sort_keys=True).encode()).hexdigest()[:16]
         self.run_dir = Path(env.cache_dir) / f"trained-{digest}"
