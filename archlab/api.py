@@ -62,6 +62,7 @@ from archlab.slots import (
 from archlab.soft_targets import SoftTargets
 
 API_VERSION = 1
+"""The version of this surface: a name in ``__all__`` keeps its name and meaning while it stays the same."""
 
 __all__ = [
     "API_VERSION",

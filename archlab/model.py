@@ -30,8 +30,8 @@ from archlab.errors import ConfigError
 from archlab.kernels import Kernel
 from archlab.slots import AuxLoss, NormalizesInput, SupportsValueResidual, ValidatesConfig, offering, offers
 
-#: Roles whose projection writes into the residual stream; their init is scaled by 1/sqrt(2L).
 RESIDUAL_OUTPUT_ROLES = ("out", "down")
+"""Roles whose projection writes into the residual stream; their init is scaled by 1/sqrt(2L)."""
 #: Roles that stay full precision (the ``dense`` linear) unless ``model.linear_overrides`` names them, so
 #: ``linear=ternary`` quantises the sublayers but not the LM head.
 FULL_PRECISION_ROLES = ("head",)

@@ -12,6 +12,9 @@ from archlab.context import ForwardContext, ModelDims
 
 
 class LMHead(nn.Module):
+    """The ``lm`` head: logits = h Eᵀ with the token embedding E (``tied``) or h W_outᵀ; plugins such as
+    ``medusa`` wrap it to keep the base prediction."""
+
     @dataclass
     class Config:
         tied: bool = True

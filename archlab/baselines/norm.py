@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
+    """The ``rmsnorm`` norm: y = x / sqrt(mean(x²) + eps) · g, with a learnable gain g (init 1)."""
+
     @dataclass
     class Config:
         eps: float = 1e-6

@@ -18,6 +18,7 @@ from archlab.context import ModelDims
 
 
 def rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [−x2, x1] over the last dim: the rotation RoPE applies as x·cos + rotate_half(x)·sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
