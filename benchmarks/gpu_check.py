@@ -226,8 +226,8 @@ def attention_inputs(
 
 def rel_err(got: Tensor, want: Tensor) -> float:
     """max |got − want| / max |want|, in float64: one scale-free number per tensor."""
-    want = want.double()
-    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def attention_errors(
