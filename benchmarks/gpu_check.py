@@ -472,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         raise ConfigError("device", "cpu", "a CUDA GPU (torch.cuda.is_available()), or pass --cpu")
     device, size = (torch.device("cpu"), CPU) if args.cpu else (torch.device("cuda"), GPU)
+    if args.cpu:  # NOTE: toy sizes: a second intra-op thread only spin-waits, badly so on a busy machine
+        torch.set_num_threads(1)
     start, results = time.perf_counter(), Results()
     print(versions(device), flush=True)
     if device.type == "cuda":
