@@ -80,6 +80,7 @@ PEAK_BF16 = (
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
 )
 #: Overrides of every run here: no W&B, no progress bar, a small slice of the corpus.
@@ -105,9 +106,29 @@ class Size:
 
 
 GPU = Size(
-    8, 64, 256, ("model=small", "model.n_layers=2", "model.context=128"), ("model=base",), 16, 20, 10, (), 60
+    heads=8,
+    head_dim=64,
+    tokens=256,
+    decode_model=("model=small", "model.n_layers=2", "model.context=128"),
+    step_model=("model=base",),
+    step_batch=16,
+    step_repeats=20,
+    ddp_steps=10,
+    distill_model=(),  # model=tiny, the default
+    distill_steps=60,
 )
-CPU = Size(4, 16, 32, TOY, TOY, 4, 5, 3, TOY, 10)
+CPU = Size(
+    heads=4,
+    head_dim=16,
+    tokens=32,
+    decode_model=TOY,
+    step_model=TOY,
+    step_batch=4,
+    step_repeats=5,
+    ddp_steps=3,
+    distill_model=TOY,
+    distill_steps=10,
+)
 
 
 # --------------------------------------------------------------------------- results

@@ -71,6 +71,8 @@ def test_decoding_check_fails_a_kernel_that_sees_later_tokens(bench):
         ("NVIDIA H200", 989e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L4", 121e12),
         ("Some Future GPU", None),
     ],
 )
