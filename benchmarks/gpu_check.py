@@ -118,10 +118,10 @@ GPU = Size(
     distill_steps=60,
 )
 CPU = Size(
-    heads=4,
+    heads=8,  # so that GQA (heads / 4 KV heads) differs from MQA
     head_dim=16,
     tokens=32,
-    decode_model=TOY,
+    decode_model=("model.d_model=64", "model.n_layers=2", "model.n_heads=8", "model.context=32"),
     step_model=TOY,
     step_batch=4,
     step_repeats=5,
