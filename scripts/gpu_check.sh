@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
-if ! "$python" -c "import archlab" 2>/dev/null; then
-  echo "gpu_check: $python cannot import archlab; run scripts/setup.sh (or set PYTHON)" >&2
+if ! "$python" -c "import archlab, torch" 2>/dev/null; then
+  echo "gpu_check: $python cannot import archlab and torch; run scripts/setup.sh (or set PYTHON)" >&2
   exit 2
 fi
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
