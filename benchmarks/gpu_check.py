@@ -162,9 +162,11 @@ class Results:
 
 
 def describe(exc: BaseException) -> str:
-    """The exception's type and first line: what a FAIL prints instead of a traceback."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    """The exception's type, first line and last line (xformers lists its reasons last): what a FAIL
+    prints instead of a traceback."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " … ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+    return f"{type(exc).__name__}: {text}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
