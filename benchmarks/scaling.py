@@ -31,15 +31,15 @@ Which comparison is fair
     same speed would give, communication included. DDP's overhead is ``ddp-1p / none-1t``, the
     median of per-repeat ratios (target <= 1.05), at one thread: on a busy 2-core machine a process of
     two threads spends most of its step spin-waiting for the second (its steps were ~4x slower than
-    one thread's at a load average of 12), which would drown DDP's own cost.
+    one thread's at load average 7-12, 2026-12-07), which would drown DDP's own cost.
 
 How to run
-    python benchmarks/scaling.py                # tiny preset, global batch 16 x 256: 7.5 min on 2 busy cores
+    python benchmarks/scaling.py                # tiny preset, global batch 16 x 256: 2.4 min on 2 cores
     python benchmarks/scaling.py --quick        # a toy student, 2 repeats: a smoke test of the script
     python benchmarks/scaling.py --steps 40 --batch-size 32 --json scaling.json
 
-The default run took 7.5 minutes (3.5 of CPU) on 2 cores shared with other jobs at load average 7,
-2026-12-07; ``--steps 10`` took 4.4 at load 10-12. The exit code is 0 whatever the numbers; the
+The default run took 2.4 minutes on 2 cores shared with other jobs at load average 3.5, and 7.5 at
+load 7 (2026-12-07). The exit code is 0 whatever the numbers; the
 report says whether the DDP-overhead target was met.
 """
 
