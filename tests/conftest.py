@@ -19,8 +19,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from archlab import registry
+
+# Under pytest-xdist (scripts/test.sh runs `-n auto`) the workers share the cores: each worker, and the
+# CLI subprocesses its tests start, gets its share of threads instead of all of them.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    _threads = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
 
 # Every environment variable that changes how archlab, Hydra or W&B behave in a test run.
 _SCRUBBED_ENV = (
