@@ -129,7 +129,7 @@ def _interrupted(run_dir: Path) -> str:
     return f"interrupted; the checkpoint of step {checkpoint.step_of(last)} is kept; resume with: {command}"
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://archlab.conf", config_name="config")
 def _train_app(cfg: DictConfig) -> float:
     return train_job(cfg)
 

@@ -7,7 +7,7 @@ Kaplan et al. 2020, arXiv 2001.08361, §3 ladders hold d_model / n_layers fixed 
 
 with every other setting the run's own (the FFN's default hidden width 8/3·d, RoPE, RMSNorm, ...), so
 N ≈ 12 · d² · L = 12 · 32² · k³ non-embedding parameters. The default student (``model=tiny``: d 128,
-4 layers, 4 heads of 32) is rung k4. The rungs are written out as ``archlab/conf/rung/k<k>.yaml``
+4 layers, 4 heads of 32) is rung k4. The rungs are written out as ``conf/rung/k<k>.yaml``
 (``+rung=k4``); ``tests/test_ladder.py`` checks each file against this rule and each count against the
 built module.
 """

@@ -15,7 +15,7 @@ from archlab.config import compose
 from archlab.metrics import model_metrics
 from archlab.model import build_student
 
-RUNG_DIR = Path(ladder.__file__).parent / "conf" / "rung"
+RUNG_DIR = Path(ladder.__file__).parents[1] / "conf" / "rung"
 
 
 def non_embedding(cfg) -> int:
