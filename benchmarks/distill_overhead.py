@@ -666,7 +666,7 @@ def format_report(r: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
+    p.add_argument("--model", default="tiny", help="model preset (conf/model/*.yaml)")
     p.add_argument("--override", nargs="*", action="extend", default=[], help="Hydra overrides (both parts)")
     p.add_argument("--teacher", default="ngram", help="teacher plugin (ngram | trained)")
     p.add_argument(

@@ -199,7 +199,7 @@ def format_report(r: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
+    p.add_argument("--model", default="tiny", help="model preset (conf/model/*.yaml)")
     p.add_argument("--router", default="softmax_topk", help="ffn.router of the moe student")
     p.add_argument("--override", nargs="*", action="extend", default=[], help="Hydra overrides, both")
     p.add_argument(

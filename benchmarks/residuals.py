@@ -103,7 +103,7 @@ def format_report(r: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
+    p.add_argument("--model", default="tiny", help="model preset (conf/model/*.yaml)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument(
         "--override", nargs="*", action="extend", default=[], help="Hydra overrides, every variant"

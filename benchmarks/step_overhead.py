@@ -450,7 +450,7 @@ def format_report(r: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
+    p.add_argument("--model", default="tiny", help="model preset (conf/model/*.yaml)")
     p.add_argument("--override", nargs="*", action="extend", default=[], help="Hydra overrides")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul peak probe")
     p.add_argument("--compile", action="store_true", help="also time the student under torch.compile")

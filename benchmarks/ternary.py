@@ -116,7 +116,7 @@ def format_report(r: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="model preset (archlab/conf/model/*.yaml)")
+    p.add_argument("--model", default="tiny", help="model preset (conf/model/*.yaml)")
     p.add_argument("--override", nargs="*", action="extend", default=[], help="Hydra overrides, all variants")
     return parse_step_args(p, argv, steps=20, warmup=2)
 
