@@ -86,7 +86,7 @@ def trained(tmp_path_factory, make_trainer) -> Path:
         ("trainer.no_such_key=1", ["trainer.no_such_key"]),
         ("trainer.lr=[", ["'['"]),
         ("trainer.lr=abc", ["trainer.lr=abc", "could not be converted to Float"]),
-        ("attention=nope", ["attention/nope", "mha"]),
+        ("attention=nope", ["attention=nope", "mha"]),
     ],
 )
 def test_train_refuses_bad_config_before_training(train, override, parts) -> None:
