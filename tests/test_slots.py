@@ -14,7 +14,7 @@ from torch import nn
 from archlab import api, cli, deprecation, registry, slots
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS, CONFIG = ROOT / "docs" / "plugins.md", ROOT / "archlab" / "conf" / "config.yaml"
+DOCS, CONFIG = ROOT / "docs" / "plugins.md", ROOT / "conf" / "config.yaml"
 
 
 def test_docs_carry_the_capability_table_as_generated() -> None:
