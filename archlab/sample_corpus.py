@@ -89,22 +89,14 @@ def sample_documents(
     model, prompts: torch.Tensor, n_new: int, s: SampleSettings, tokenizer: Tokenizer
 ) -> list[bytes]:
     """prompts (n, p) -> n · samples_per_prompt documents, prompt-major, from one seeded generator."""
-    from archlab.generate import generate, supports_kv_cache
+    from archlab.onpolicy import Sampling, continuations
 
+    sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     rows = prompts.repeat_interleave(s.samples_per_prompt, dim=0)
     generator = torch.Generator(prompts.device).manual_seed(s.seed)
     docs = []
     for first in range(0, len(rows), s.batch_size):
-        out = generate(
-            model,
-            rows[first : first + s.batch_size],
-            n_new,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            generator=generator,
-            use_cache=supports_kv_cache(model),
-        )
+        out = continuations(model, rows[first : first + s.batch_size], n_new, sampling, generator)
         docs += [document(seq.tolist(), prompts.shape[1], tokenizer) for seq in out.cpu()]
     return docs
 
