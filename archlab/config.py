@@ -264,10 +264,7 @@ def _refuse_unread_keys(cfg: DictConfig) -> None:
         schema = OmegaConf.get_type(node)
         if not dataclasses.is_dataclass(schema):
             continue
-        known = [f.name for f in dataclasses.fields(schema)]
-        for key in node.keys() - set(known):
-            hint = typos.nearest(str(key), known, "its keys")
-            raise ConfigError(f"{section}.{key}", node[key], f"a key of {section}{hint}")
+        typos.refuse_unread_keys(section, node, schema, section)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

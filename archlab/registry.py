@@ -154,10 +154,7 @@ def configured(slot: str, node: DictConfig) -> tuple[type, Any]:
     cls = get(slot, node.plugin)
     fields = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     fields.pop("plugin")
-    known = [f.name for f in dataclasses.fields(cls.Config)]
-    for key in fields.keys() - set(known):  # a mistyped or +added key the plugin does not read
-        hint = typos.nearest(key, known, "its keys")
-        raise ConfigError(f"{slot}.{key}", fields[key], f"a key of the {node.plugin} {slot} plugin{hint}")
+    typos.refuse_unread_keys(slot, fields, cls.Config, f"the {node.plugin} {slot} plugin")
     return cls, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), fields))
 
 

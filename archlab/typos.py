@@ -8,11 +8,14 @@ prints Hydra's own line instead.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from archlab.errors import ConfigError
 
 Compose = Callable[[list[str]], DictConfig]
 
@@ -83,3 +86,14 @@ def _composed_without(key: str, overrides: Sequence[str], compose: Compose) -> D
         return compose([o for o in overrides if not sets(o)])
     except Exception:  # another override is wrong too: its own error comes on the next try
         return compose([])
+
+
+def refuse_unread_keys(prefix: str, given: dict, schema: type, owner: str) -> None:
+    """A ``ConfigError`` for the first key of ``given`` that the dataclass ``schema`` has no field for
+    (named ``PREFIX.KEY``, with the nearest field): nothing would read it, so it must not pass silently.
+    ``owner`` says whose keys they are ("trainer", "the mha attention plugin")."""
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in sorted(set(given) - set(known), key=str):
+        raise ConfigError(
+            f"{prefix}.{key}", given[key], f"a key of {owner}{nearest(str(key), known, 'its keys')}"
+        )
