@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, open_dict
 
 from archlab import __version__, checkpoint, durable
 from archlab.errors import ArchlabError, ConfigError
@@ -101,8 +102,34 @@ def sample_documents(
     return docs
 
 
-def sample_corpus(ckpt_path: str | Path, out: Path, s: SampleSettings, device: torch.device) -> dict:
-    """Sample the corpus ``s`` describes from ``ckpt_path`` into the new directory ``out``; its manifest."""
+def prompt_config(cfg: DictConfig, corpus_overrides: list[str]) -> DictConfig:
+    """The checkpoint's config with its ``corpus`` and ``data`` replaced as ``corpus_overrides`` say
+    (``corpus=files``, ``corpus.paths=[...]``, ``data.val_fraction=...``), so prompts can come from another
+    corpus than the one the model learnt."""
+    if not corpus_overrides:
+        return cfg
+    wrong = [o for o in corpus_overrides if not o.lstrip("+").startswith(("corpus", "data."))]
+    if wrong:
+        allowed = "corpus and data overrides only (corpus=NAME, corpus.FIELD=VALUE, data.FIELD=VALUE)"
+        raise ConfigError("OVERRIDES", wrong[0], allowed)
+    from archlab.config import compose
+
+    composed, cfg = compose(corpus_overrides), cfg.copy()
+    with open_dict(cfg):
+        cfg.corpus, cfg.data = composed.corpus, composed.data
+    return cfg
+
+
+def sample_corpus(
+    ckpt_path: str | Path,
+    out: Path,
+    s: SampleSettings,
+    device: torch.device,
+    corpus_overrides: list[str] = (),
+) -> dict:
+    """Sample the corpus ``s`` describes from ``ckpt_path`` into the new directory ``out``; its manifest.
+    Prompts are prefixes of the checkpoint's training windows, or of another corpus's
+    (``corpus_overrides``, ``prompt_config``)."""
     from archlab.data import train_batch
     from archlab.trainer import load_split, tokenizer_for
 
@@ -115,7 +142,7 @@ def sample_corpus(ckpt_path: str | Path, out: Path, s: SampleSettings, device: t
     cfg = checkpoint.saved_config(ckpt)
     context = cfg.model.context
     s.validate(context)
-    split = load_split(cfg)
+    split = load_split(prompt_config(cfg, list(corpus_overrides)))
     x, _ = train_batch(split.train, context=context, seed=s.seed, first=0, count=s.prompts)
     model = checkpoint.load_student(ckpt, device)
     n_new = s.max_new_tokens or context - s.prompt_len
@@ -193,12 +220,19 @@ def main(args: list[str]) -> int:
             default=getattr(defaults, f.name),
         )
     p.add_argument("--device", default="auto")
-    opts = vars(p.parse_args(args))
+    p.add_argument(
+        "corpus_overrides",
+        nargs="*",
+        metavar="OVERRIDES",
+        help="prompts from another corpus: corpus=NAME corpus.FIELD=VALUE data.FIELD=VALUE "
+        "(default: the checkpoint's corpus and data)",
+    )
+    opts = vars(p.parse_intermixed_args(args))
     from archlab.trainer import resolve_device
 
     device = resolve_device(opts.pop("device"), key="--device")
-    ckpt, out = opts.pop("checkpoint"), opts.pop("out")
-    manifest = sample_corpus(ckpt, out, SampleSettings(**opts), device)
+    ckpt, out, corpus_overrides = opts.pop("checkpoint"), opts.pop("out"), opts.pop("corpus_overrides")
+    manifest = sample_corpus(ckpt, out, SampleSettings(**opts), device, corpus_overrides)
     n, skipped, where = len(manifest["documents"]), manifest["skipped_empty"], Path(out).absolute()
     print(f"{n} documents ({skipped} empty skipped) from {manifest['checkpoint']['path']} in {where}")
     print(f"train on them: archlab train corpus=files 'corpus.paths=[{where}/*.txt]'")
