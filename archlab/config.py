@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from archlab import registry, slots, typos
 from archlab.errors import ConfigError
@@ -278,3 +278,22 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
     with initialize_config_module("archlab.conf", version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def with_corpus(cfg: DictConfig, overrides: list[str], *, key: str) -> DictConfig:
+    """A copy of ``cfg`` read against another corpus: its ``corpus`` composed from the ``corpus``
+    overrides (``corpus=files``, ``corpus.paths=[...]``), its ``data`` updated by the ``data.`` ones
+    (``data.val_fraction=...``; the cache dir and the rest stay). ``key`` names the overrides in errors."""
+    wrong = [o for o in overrides if not o.lstrip("+").startswith(("corpus", "data."))]
+    if wrong:
+        allowed = "corpus and data overrides only (corpus=NAME, corpus.FIELD=VALUE, data.FIELD=VALUE)"
+        raise ConfigError(key, wrong[0], allowed)
+    corpus = [o for o in overrides if o.lstrip("+").startswith("corpus")]
+    data = [o.lstrip("+").removeprefix("data.") for o in overrides if o.lstrip("+").startswith("data.")]
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if corpus:
+            cfg.corpus = compose(corpus).corpus
+        if data:
+            cfg.data = OmegaConf.merge(cfg.data, OmegaConf.from_dotlist(data))
+    return cfg

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
 
 from archlab import __version__, checkpoint, durable
+from archlab.config import with_corpus
 from archlab.errors import ArchlabError, ConfigError
 from archlab.tokenizer import EOD, ByteTokenizer, Tokenizer
 
@@ -102,24 +102,6 @@ def sample_documents(
     return docs
 
 
-def prompt_config(cfg: DictConfig, corpus_overrides: list[str]) -> DictConfig:
-    """The checkpoint's config with its ``corpus`` and ``data`` replaced as ``corpus_overrides`` say
-    (``corpus=files``, ``corpus.paths=[...]``, ``data.val_fraction=...``), so prompts can come from another
-    corpus than the one the model learnt."""
-    if not corpus_overrides:
-        return cfg
-    wrong = [o for o in corpus_overrides if not o.lstrip("+").startswith(("corpus", "data."))]
-    if wrong:
-        allowed = "corpus and data overrides only (corpus=NAME, corpus.FIELD=VALUE, data.FIELD=VALUE)"
-        raise ConfigError("OVERRIDES", wrong[0], allowed)
-    from archlab.config import compose
-
-    composed, cfg = compose(corpus_overrides), cfg.copy()
-    with open_dict(cfg):
-        cfg.corpus, cfg.data = composed.corpus, composed.data
-    return cfg
-
-
 def sample_corpus(
     ckpt_path: str | Path,
     out: Path,
@@ -129,7 +111,7 @@ def sample_corpus(
 ) -> dict:
     """Sample the corpus ``s`` describes from ``ckpt_path`` into the new directory ``out``; its manifest.
     Prompts are prefixes of the checkpoint's training windows, or of another corpus's
-    (``corpus_overrides``, ``prompt_config``)."""
+    (``corpus_overrides``, ``archlab.config.with_corpus``)."""
     from archlab.data import train_batch
     from archlab.trainer import load_split, tokenizer_for
 
@@ -142,7 +124,7 @@ def sample_corpus(
     cfg = checkpoint.saved_config(ckpt)
     context = cfg.model.context
     s.validate(context)
-    split = load_split(prompt_config(cfg, list(corpus_overrides)))
+    split = load_split(with_corpus(cfg, list(corpus_overrides), key="OVERRIDES"))
     x, _ = train_batch(split.train, context=context, seed=s.seed, first=0, count=s.prompts)
     model = checkpoint.load_student(ckpt, device)
     n_new = s.max_new_tokens or context - s.prompt_len
