@@ -186,8 +186,8 @@ def soft_targets_for(
     """The shared teacher's cached targets for a run of ``world_size`` ranks (built once per sweep, by the
     process that takes the cache's lock first, with ``builders`` sharing its work: the ranks of a DDP run
     or of ``archlab teacher build`` under torchrun; other processes wait on the lock), or None without a
-    teacher."""
-    if cfg.teacher.plugin == "none" or wants_in_context(cfg.teacher):  # the latter scores samples only
+    teacher or with the in-context one (``archlab.incontext``)."""
+    if cfg.teacher.plugin == "none" or wants_in_context(cfg.teacher):
         return None
     teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
     cache_dir = Path(cfg.data.cache_dir).expanduser()

@@ -239,3 +239,5 @@ def test_the_cli_trains_with_the_in_context_teacher(run_cli, tmp_path):
         refused.returncode == 2 and "archlab: error: teacher.context_len=30 is not allowed" in refused.stderr
     )
     assert "Traceback" not in refused.stderr and not (tmp_path / "no" / "metrics.jsonl").exists()
+    built = run_cli("teacher", "build", *IN_CONTEXT, "teacher.context=same_doc")  # it caches no targets
+    assert built.returncode == 2 and "archlab: error: teacher='self' is not allowed" in built.stderr
