@@ -55,7 +55,6 @@ from archlab.context import ModelDims
 from archlab.data import build_split, n_train_windows, windows
 from archlab.errors import ConfigError, CorpusError
 from archlab.model import build_student
-from archlab.onpolicy import sample_tokens
 from archlab.teacher import student_log_probs
 
 UPDATES = ("frozen", "ema")
@@ -73,8 +72,9 @@ def wants_in_context(teacher: DictConfig) -> bool:
     )
 
 
-def validate_in_context(cfg: DictConfig, dims: ModelDims) -> None:
-    """The checks of ``teacher=self``'s in-context options before training (``archlab.config.validate``)."""
+def validate_in_context(cfg: DictConfig, dims: ModelDims, n_new: int) -> None:
+    """The checks of ``teacher=self``'s in-context options before training (``archlab.config.validate``);
+    ``n_new``: the tokens sampled after each prompt (``archlab.onpolicy.sample_tokens``)."""
     t = cfg.teacher
     if t.plugin != "self":
         return
@@ -106,7 +106,7 @@ def validate_in_context(cfg: DictConfig, dims: ModelDims) -> None:
         raise ConfigError("teacher.context", t.context, f"none {only}")
     if cfg.trainer.parallel != "none":
         raise ConfigError("trainer.parallel", cfg.trainer.parallel, "none with the in-context teacher")
-    prompt, n_new = cfg.distill.prompt_len, sample_tokens(cfg)
+    prompt = cfg.distill.prompt_len
     room = dims.context - prompt - n_new + 1
     if t.context != "none" and t.context_len > room:
         raise ConfigError(

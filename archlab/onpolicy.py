@@ -48,6 +48,7 @@ from archlab import registry
 from archlab.context import ModelDims
 from archlab.errors import ConfigError
 from archlab.generate import generate, supports_kv_cache
+from archlab.incontext import InContextTeacher, wants_in_context
 from archlab.slots import is_causal
 from archlab.soft_targets import SoftTargets
 from archlab.step import MicroBatch
@@ -146,8 +147,6 @@ class OnPolicyStep:
     teacher's mean log-prob of the samples and the step's time split (sampling / teacher / update)."""
 
     def __init__(self, trainer, objective_cfg, env: TeacherEnv) -> None:
-        from archlab.incontext import InContextTeacher, wants_in_context  # it imports sample_tokens
-
         cfg = trainer.cfg
         if any(not is_causal(m) for m in trainer.model.modules()):
             raise ConfigError(
