@@ -15,7 +15,8 @@ tokens of a training window, y ~ p_S(· | x)):
           update=frozen: never changed; update=ema: after each optimizer step
           θ_T ← d·θ_T + (1 − d)·θ_S          (d = ``teacher.ema_decay``; d = 0 is OPSD's shared weights)
 
-with D the configured ``kd`` divergence (``objective=reverse_kl`` is SDFT's). The privileged context c
+with D the configured ``kd`` divergence in GKD's argument order (``forward_kl`` = KL(p_T ‖ p_S);
+``reverse_kl`` = KL(p_S ‖ p_T) is SDFT's objective; ``jsd`` between them). The privileged context c
 (``teacher.context``, L = ``teacher.context_len`` tokens) is placed before the prompt:
     none      c is empty: the teacher scores x, y alone (update=frozen: ``teacher=self`` on θ_T)
     same_doc  c = window[p : p + L], the L tokens of the training window right after the prompt: the
@@ -38,8 +39,8 @@ Departures and choices:
 - same_doc's demonstration is the reference continuation of the very prompt (OPSD's y*), not a
   demonstration of a related query (SDFT's); both ``same_doc`` and ``corpus`` chunks may cross
   document boundaries (the end-of-document bytes stay in them).
-- The teacher runs in eval mode in fp32, without autocast, like every teacher; its weights (and an
-  EMA's floating-point buffers) are saved in each checkpoint's ``state.pt``, so resume is exact.
+- The teacher runs in eval mode in fp32, without autocast, like every teacher; its whole state dict
+  (buffers included, frozen or EMA) is saved in each checkpoint's ``state.pt``, so resume is exact.
 - One process only (``trainer.parallel=none``): the EMA of DDP replicas or FSDP shards is not built.
 """
 
