@@ -251,6 +251,11 @@ def validate(cfg: DictConfig) -> None:
         from archlab.onpolicy import validate_on_policy
 
         validate_on_policy(cfg, dims, objective)
+    if cfg.teacher.plugin != "none":
+        from archlab.incontext import validate_in_context
+        from archlab.onpolicy import sample_tokens
+
+        validate_in_context(cfg, dims, sample_tokens(cfg))  # teacher=self's in-context options
 
 
 def _refuse_unread_keys(cfg: DictConfig) -> None:
