@@ -261,15 +261,18 @@ def validate(cfg: DictConfig) -> None:
 def _refuse_unread_keys(cfg: DictConfig) -> None:
     """Refuse a key that Hydra's ``+key=`` added to a dataclass section (trainer, model, ...): nothing reads
     it, so the run would silently ignore it. Plugin slots are checked against their plugin's ``Config``
-    (``registry.configured``)."""
+    (``registry.configured``). A top-level key that is neither ``seed``, a slot nor a section
+    (``+seedd=1``, ``+trainr.lr=1``) is refused the same way."""
+    known = [k for k in cfg if k == "seed" or isinstance(cfg._get_node(k), DictConfig)]
     for section in cfg:
         node = cfg._get_node(section)
-        if not isinstance(node, DictConfig) or "plugin" in node:
-            continue
-        schema = OmegaConf.get_type(node)
-        if not dataclasses.is_dataclass(schema):
-            continue
-        typos.refuse_unread_keys(section, node, schema, section)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if section != "seed" and not (schema and ("plugin" in node or dataclasses.is_dataclass(schema))):
+            others = [k for k in known if k != section]
+            allowed = f"a top-level key of the config{typos.nearest(str(section), others, 'its keys')}"
+            raise ConfigError(str(section), cfg[section], allowed)
+        if isinstance(node, DictConfig) and "plugin" not in node and dataclasses.is_dataclass(schema):
+            typos.refuse_unread_keys(section, node, schema, section)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
