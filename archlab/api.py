@@ -33,6 +33,7 @@ from archlab.baselines.objective import bucketed, kl
 from archlab.baselines.position import apply_rotary, rope_tables, rotate_half
 from archlab.context import ForwardContext, KVCache, ModelDims
 from archlab.errors import ArchlabError, ConfigError, PluginError
+from archlab.hf_export import HFPart, NotExportable, linear_tensors, split_rows
 from archlab.kernels import causal_mask
 from archlab.model import RESIDUAL_OUTPUT_ROLES
 from archlab.plots import DepthWeights
@@ -46,6 +47,7 @@ from archlab.slots import (
     DeclaresCausality,
     DepthWeightsReport,
     DraftHeads,
+    HFExport,
     KVCacheAccounting,
     NormalizesInput,
     PackedState,
@@ -73,6 +75,9 @@ __all__ = [
     "DeclaresCausality",
     "DepthWeightsReport",
     "DraftHeads",
+    "HFExport",
+    "HFPart",
+    "NotExportable",
     "KVCacheAccounting",
     "NormalizesInput",
     "PackedState",
@@ -102,6 +107,8 @@ __all__ = [
     "get_plugin",
     "installed_plugins",
     "kl",
+    "linear_tensors",
     "rope_tables",
     "rotate_half",
+    "split_rows",
 ]
