@@ -33,7 +33,7 @@ from archlab.baselines.objective import bucketed, kl
 from archlab.baselines.position import apply_rotary, rope_tables, rotate_half
 from archlab.context import ForwardContext, KVCache, ModelDims
 from archlab.errors import ArchlabError, ConfigError, PluginError
-from archlab.hf_export import HFPart, NotExportable, linear_tensors, split_rows
+from archlab.hf_export import HFPart, NotExportable, linear_tensors, part_of, split_rows
 from archlab.kernels import causal_mask
 from archlab.model import RESIDUAL_OUTPUT_ROLES
 from archlab.plots import DepthWeights
@@ -108,6 +108,7 @@ __all__ = [
     "installed_plugins",
     "kl",
     "linear_tensors",
+    "part_of",
     "rope_tables",
     "rotate_half",
     "split_rows",

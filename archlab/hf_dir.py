@@ -86,6 +86,7 @@ def check_layout(config, tensors: dict[str, Tensor]) -> None:
 def max_logit_diff(student: nn.Module, folder: Path, tokens: Tensor) -> float:
     """max |logits| difference between ``student`` and the export at ``folder`` loaded in fp32."""
     transformers = transformers_module()
+    transformers.utils.logging.disable_progress_bar()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     with torch.no_grad():
         return (hf.eval()(tokens).logits - student(tokens)).abs().max().item()

@@ -104,7 +104,8 @@ def _places(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 
 def _merge(chosen: str, parts: list[tuple[str, HFPart]]) -> dict[str, Any]:
-    """The config fields every part sets for model type ``chosen``; two slots disagreeing is an error."""
+    """The config fields every part (labelled ``slot=plugin``) sets for model type ``chosen``; two parts
+    disagreeing is an error."""
     fields: dict[str, tuple[str, Any]] = {}
     for slot, part in parts:
         for key, value in {**part.config.get(ANY, {}), **part.config.get(chosen, {})}.items():
@@ -119,7 +120,7 @@ def _merge(chosen: str, parts: list[tuple[str, HFPart]]) -> dict[str, Any]:
 
 
 def _model_type(parts: list[tuple[str, HFPart]]) -> str:
-    """The one model type every part fits."""
+    """The one model type every part (labelled ``slot=plugin``) fits."""
     typed = [(slot, set(part.config) - {ANY}) for slot, part in parts if set(part.config) != {ANY}]
     common = set.intersection(*(types for _, types in typed)) if typed else set()
     if len(common) != 1:
@@ -137,13 +138,15 @@ def assemble(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
                 "archlab export --hf: model.value_residual=true has no stock transformers counterpart; "
                 "evaluate this student with `archlab eval RUN --tasks ...` instead"
             )
-        parts, tensors = [], {"model.embed_tokens.weight": model.embed.weight}
+        parts, tensors, labels = [], {"model.embed_tokens.weight": model.embed.weight}, {}
         for slot, prefix, module in _places(model):
             part = part_of(slot, module)
-            parts.append((slot, part))
+            label = labels.setdefault(type(module), f"{slot}={plugin_name(slot, module)}")
+            parts.append((label, part))
             tensors.update({prefix + key: value for key, value in part.tensors.items()})
         if any(part.reads_position for _, part in parts):
-            parts.append(("position", part_of("position", model.position)))
+            label = f"position={plugin_name('position', model.position)}"
+            parts.append((label, part_of("position", model.position)))
     except NotExportable as exc:
         raise refusal(exc) from None
     chosen = _model_type(parts)

@@ -57,14 +57,15 @@ class MultiHeadAttention(nn.Module):
         return self.out(rearrange(y, "b h t k -> b t (h k)"))
 
     def hf_export(self) -> HFPart:
-        """Llama's attention (also Arcee's and Mixtral's): qkv split into q_proj, k_proj, v_proj."""
+        """Llama's attention (also Arcee's, and Mixtral's without bias): qkv split into q/k/v_proj."""
         rows = {"q_proj": self.n_heads * self.head_dim, "k_proj": self.n_kv_heads * self.head_dim}
         fused = linear_tensors(self.qkv, "qkv")
         tensors = split_rows(fused, "qkv", {**rows, "v_proj": rows["k_proj"]})
         tensors |= linear_tensors(self.out, "o_proj")
         fields = {"num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim}
         fields["attention_bias"] = "qkv.bias" in fused
-        return HFPart({t: fields for t in ("llama", "arcee", "mixtral")}, tensors, reads_position=True)
+        types = ("llama", "arcee") if fields["attention_bias"] else ("llama", "arcee", "mixtral")
+        return HFPart({t: fields for t in types}, tensors, reads_position=True)
 
     def kv_cache_elems_per_token(self) -> int:
         """K and V for every KV head: 2 · n_kv_heads · head_dim."""
