@@ -251,9 +251,10 @@ class MixtureOfExperts(nn.Module):
             config["mixtral"] = {"num_local_experts": e, "intermediate_size": f, "hidden_act": "silu"}
         fits = {t: fields | router.config[t] for t, fields in config.items() if t in router.config}
         if not fits:
-            raise NotExportable(
-                "router", self.router, f"fits none of {', '.join(config)} with this moe layer"
+            why = (
+                f"its block is {', '.join(router.config)}'s; this layer (n_shared_experts={n_shared}) maps to"
             )
+            raise NotExportable("router", self.router, f"{why} {', '.join(config)}")
         if "deepseek_v3" in fits and not n_shared:  # V3 always builds the shared MLP: width 0 adds exactly 0
             for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
                 tensors[f"shared_experts.{name}.weight"] = torch.zeros(shape)
