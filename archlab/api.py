@@ -21,6 +21,10 @@ What is here, by use:
 - **Capabilities** (``archlab.slots``): the optional hooks a plugin may offer, each a
   runtime-checkable ``Protocol`` (``SupportsKVCache``, ``PackedState``, ...), and ``offers(obj,
   protocol)``, the one way to ask whether something offers one.
+- **Export to transformers** (``archlab export --hf``): ``HFPart`` (what a plugin's ``hf_export()``
+  returns), ``NotExportable``, ``linear_tensors`` (a projection's tensors, through the linear plugin),
+  ``split_rows`` (a fused projection as separate ones), ``part_of`` (a sub-module's part); see
+  docs/export.md.
 - **Plugins of a part slot** (an MoE layer choosing its router): ``get_plugin(slot, name)``
   and ``installed_plugins(slot)``.
 """

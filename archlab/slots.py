@@ -324,7 +324,11 @@ CAPABILITIES = (
     Capability(SparseParams, "`num_sparse_params()`", ("memory", "any module")),
     Capability(WeightBytes, "`weight_bytes()`", ("linear",)),
     Capability(PackedState, "`packed_state()`, `load_packed_state(state)`", ("linear",)),
-    Capability(HFExport, "`hf_export()`", ("every model slot", "linear", "router")),
+    Capability(
+        HFExport,
+        "`hf_export()`",
+        ("attention", "ffn", "residual", "linear", "norm", "position", "head", "router"),
+    ),
     Capability(StepEndHook, "`on_step_end()`", ("any module",)),
     Capability(SumsAcrossRanks, '`rank_summed_buffers = ("name", ...)`', ("any module",)),
     Capability(DepthWeightsReport, "`depth_weights()`", ("residual",)),
