@@ -31,11 +31,22 @@ from archlab.tokenizer import EOD, ByteTokenizer
 TOLERANCE = 1e-4
 
 
+#: The first transformers major version whose classes the mappings were checked against (5.25): its
+#: configs take ``rope_parameters`` and its MoE blocks hold experts as 3-D tensors.
+TRANSFORMERS_MAJOR = 5
+
+
 def transformers_module():
+    """transformers, or an ``ArchlabError`` saying what to install."""
     try:
         import transformers
     except ImportError:
         raise ArchlabError("archlab export --hf needs transformers: pip install 'archlab[hf]'") from None
+    if int(transformers.__version__.split(".")[0]) < TRANSFORMERS_MAJOR:
+        raise ArchlabError(
+            f"archlab export --hf needs transformers>={TRANSFORMERS_MAJOR} (found "
+            f"{transformers.__version__}): pip install 'transformers>={TRANSFORMERS_MAJOR}'"
+        )
     return transformers
 
 

@@ -17,6 +17,7 @@ from archlab import cli
 from archlab.config import compose
 from archlab.errors import ArchlabError
 from archlab.hf_dir import write_dir
+from archlab.hf_export import HFPart, assemble
 from archlab.loggers import RunInfo
 from archlab.model import build_student
 from archlab.testing.hf import hf_round_trip, scrambled
@@ -84,6 +85,14 @@ def test_a_student_without_a_stock_class_is_refused_naming_slot_and_plugin(
     message = str(info.value)
     assert named in message and "archlab eval" in message and "\n" not in message
     assert not (tmp_path / "hf").exists()
+
+
+def test_two_parts_setting_one_field_differently_are_refused_naming_both() -> None:
+    model = build_student(compose(SMALL))
+    model.final_norm.eps = 1e-5  # the layers' norms say 1e-6: one rms_norm_eps cannot hold both
+    with pytest.raises(ArchlabError, match=r"norm=rmsnorm sets rms_norm_eps=1e-06 and .* rms_norm_eps=1e-05"):
+        assemble(model)
+    assert isinstance(model.final_norm.hf_export(), HFPart)
 
 
 @pytest.mark.slow
