@@ -87,6 +87,15 @@ def test_a_student_without_a_stock_class_is_refused_naming_slot_and_plugin(
     assert not (tmp_path / "hf").exists()
 
 
+def test_an_export_that_fails_its_logit_check_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    from archlab import hf_dir
+
+    monkeypatch.setattr(hf_dir, "TOLERANCE", -1.0)  # no difference passes, not even 0
+    with pytest.raises(ArchlabError, match="nothing written"):
+        write_dir(student(), ByteTokenizer(), tmp_path / "hf", force=False)
+    assert list(tmp_path.iterdir()) == []  # neither DIR nor its temporary directory
+
+
 def test_two_parts_setting_one_field_differently_are_refused_naming_both() -> None:
     model = build_student(compose(SMALL))
     model.final_norm.eps = 1e-5  # the layers' norms say 1e-6: one rms_norm_eps cannot hold both
