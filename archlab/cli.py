@@ -50,6 +50,9 @@ commands:
   export CHECKPOINT --packed [--out PATH]
                       write the student as one packed safetensors file (ternary: 2 bits per weight);
                       `generate` reads it too
+  export CHECKPOINT --hf DIR [--force]
+                      write the student as a transformers model directory (Llama, Arcee, DeepSeek-V3
+                      classes) with its tokenizer, checked by loading it back
   new-plugin SLOT NAME [--dir DIR]
                       write a new plugin distribution (entry point, typed Config, preset, conformance
                       test); see docs/writing-a-plugin.md
