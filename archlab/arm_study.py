@@ -217,9 +217,9 @@ class ArmStudy:
         """Compose and validate the base's and every arm's config before any work (an arm that trains on
         samples is checked on its train domain: the samples do not exist yet)."""
         from archlab.config import compose, validate
-        from archlab.study import _app_overrides
+        from archlab.study_common import app_overrides
 
-        p, common = self.preset, _app_overrides(self.overrides)
+        p, common = self.preset, app_overrides(self.overrides)
         configs = [[*common, *p.domains[p.train_domain], *a.overrides] for a in p.arms.values()]
         if p.base:
             configs.append([*common, *p.domains[p.base["domain"]], *p.base.get("overrides", ())])
@@ -287,14 +287,14 @@ class ArmStudy:
     def evaluate(self, runs: dict[tuple[str, int], Path]) -> dict[str, dict[int, dict[str, float]]]:
         """Stage 3: arm -> seed -> metric -> value."""
         from archlab.config import compose
-        from archlab.study import _app_overrides, _summary
+        from archlab.study_common import app_overrides, run_summary
 
         p, values = self.preset, {}
-        common = _app_overrides(self.overrides)
+        common = app_overrides(self.overrides)
         domains = {d: compose([*common, *o]) for d, o in p.domains.items()}
         for (arm, seed), run_dir in runs.items():
             row = {f"{d} bpb": domain_bpb(run_dir, c) for d, c in domains.items()}
-            summary = _summary(run_dir)
+            summary = run_summary(run_dir)
             row |= {m: float(summary[m]) for m in p.metrics if m in summary}
             row["wall s"] = self.wall[run_dir.name]
             values.setdefault(arm, {})[seed] = row
@@ -302,7 +302,7 @@ class ArmStudy:
         return values
 
     def run(self) -> dict:
-        from archlab.study import write_json
+        from archlab.study_common import write_json
 
         p = self.preset
         values = self.evaluate(self.train_all())

@@ -182,7 +182,7 @@ def teacher(args: list[str]) -> int:
     opts = parser.parse_args(args)
     from archlab import distributed
     from archlab.config import compose, validate
-    from archlab.incontext import wants_in_context
+    from archlab.distill_checks import wants_in_context
     from archlab.trainer import load_split, resolve_device, soft_targets_for
 
     distributed.slurm_env()

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from archlab import registry, slots, typos
+from archlab.distill_checks import sample_tokens, validate_in_context, validate_on_policy
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
 from archlab.model import dims_from, linear_factory, slot_choices
@@ -248,13 +249,8 @@ def validate(cfg: DictConfig) -> None:
     else:
         registry.configured("teacher", cfg.teacher)
     if cfg.distill.on_policy > 0:
-        from archlab.onpolicy import validate_on_policy
-
         validate_on_policy(cfg, dims, objective)
     if cfg.teacher.plugin != "none":
-        from archlab.incontext import validate_in_context
-        from archlab.onpolicy import sample_tokens
-
         validate_in_context(cfg, dims, sample_tokens(cfg))  # teacher=self's in-context options
 
 

@@ -52,70 +52,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from archlab import checkpoint, registry
-from archlab.context import ModelDims
 from archlab.data import build_split, n_train_windows, windows
 from archlab.errors import ConfigError, CorpusError
 from archlab.model import build_student
 from archlab.teacher import student_log_probs
 
-UPDATES = ("frozen", "ema")
-CONTEXTS = ("none", "same_doc", "corpus")
 #: Mixed into the seeds of context=corpus's chunk draws (see ``archlab.onpolicy``'s streams).
 CONTEXT_STREAM = 0x4354
-
-
-def wants_in_context(teacher: DictConfig) -> bool:
-    """Whether the ``teacher`` config asks for the in-context teacher: ``teacher=self`` with no
-    checkpoint (the student itself), an EMA update or a privileged context. (``teacher["update"]``:
-    on a DictConfig, ``.update`` is its dict method.)"""
-    return teacher.plugin == "self" and (
-        not teacher.checkpoint or teacher["update"] != "frozen" or teacher.context != "none"
-    )
-
-
-def validate_in_context(cfg: DictConfig, dims: ModelDims, n_new: int) -> None:
-    """The checks of ``teacher=self``'s in-context options before training (``archlab.config.validate``);
-    ``n_new``: the tokens sampled after each prompt (``archlab.onpolicy.sample_tokens``)."""
-    t = cfg.teacher
-    if t.plugin != "self":
-        return
-    checks = (
-        ("update", t["update"] in UPDATES, "frozen or ema"),
-        ("ema_decay", 0.0 <= t.ema_decay < 1.0, "a number in [0, 1) (0: the student's current weights)"),
-        ("context", t.context in CONTEXTS, "none, same_doc or corpus"),
-        ("context_len", t.context_len >= 1, "a positive number of tokens"),
-    )
-    for key, ok, allowed in checks:
-        if not ok:
-            raise ConfigError(f"teacher.{key}", t[key], allowed)
-    if t.context == "corpus" and not t.context_paths:
-        allowed = "files, folders or globs of text (teacher.context=corpus)"
-        raise ConfigError("teacher.context_paths", [], allowed)
-    if not wants_in_context(t):
-        return
-    lam, only = cfg.distill.on_policy, "unless distill.on_policy=1 (in-context: it scores samples only)"
-    if not t.checkpoint and lam != 1:
-        raise ConfigError(
-            "teacher.checkpoint",
-            "",
-            "the run or checkpoint dir of the teacher; empty only with "
-            "distill.on_policy=1, where the student at step 0 is the teacher",
-        )
-    if t["update"] != "frozen" and lam != 1:
-        raise ConfigError("teacher.update", t["update"], f"frozen {only}")
-    if t.context != "none" and lam != 1:
-        raise ConfigError("teacher.context", t.context, f"none {only}")
-    if cfg.trainer.parallel != "none":
-        raise ConfigError("trainer.parallel", cfg.trainer.parallel, "none with the in-context teacher")
-    prompt = cfg.distill.prompt_len
-    room = dims.context - prompt - n_new + 1
-    if t.context != "none" and t.context_len > room:
-        raise ConfigError(
-            "teacher.context_len",
-            t.context_len,
-            f"at most {room}: context + prompt ({prompt}) + samples ({n_new}) − 1 must fit "
-            f"model.context={dims.context} (lower distill.sample_tokens to make room)",
-        )
 
 
 def context_corpus(paths: list[str], data: DictConfig, tokenizer) -> np.ndarray:

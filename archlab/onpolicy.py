@@ -41,14 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from archlab import registry
-from archlab.context import ModelDims
+from archlab.distill_checks import sample_tokens, wants_in_context
 from archlab.errors import ConfigError
 from archlab.generate import generate, supports_kv_cache
-from archlab.incontext import InContextTeacher, wants_in_context
+from archlab.incontext import InContextTeacher
 from archlab.slots import is_causal
 from archlab.soft_targets import SoftTargets
 from archlab.step import MicroBatch
@@ -65,27 +64,6 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-
-
-def sample_tokens(cfg: DictConfig) -> int:
-    """Tokens sampled after each prompt: ``distill.sample_tokens``, or up to the context when 0."""
-    return cfg.distill.sample_tokens or cfg.model.context - cfg.distill.prompt_len
-
-
-def validate_on_policy(cfg: DictConfig, dims: ModelDims, objective: type) -> None:
-    """The checks an on-policy run needs before training (``archlab.config.validate``)."""
-    lam = cfg.distill.on_policy
-    if cfg.teacher.plugin == "none" or not objective.needs_teacher:
-        raise ConfigError("distill.on_policy", lam, "0 unless a teacher and a kd objective are configured")
-    if cfg.distill.prompt_len >= dims.context:
-        raise ConfigError(
-            "distill.prompt_len", cfg.distill.prompt_len, f"fewer than model.context={dims.context}"
-        )
-    room = dims.context - cfg.distill.prompt_len
-    if sample_tokens(cfg) > room:
-        raise ConfigError(
-            "distill.sample_tokens", cfg.distill.sample_tokens, f"at most {room} (context − prompt)"
-        )
 
 
 def draws_on_policy(seed: int, step: int, fraction: float) -> bool:

@@ -28,23 +28,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 
 from archlab import ladder, registry
 from archlab.arm_study import ArmsPreset, ArmStudy
-from archlab.errors import ConfigError, RunFailedError, check_out
+from archlab.errors import ConfigError, RunFailedError
+from archlab.study_common import (
+    PRESETS_DIR,
+    app_overrides,
+    new_out,
+    override_key,
+    read_preset,
+    run_summary,
+    steps_of,
+    write_json,
+)
 
-PRESETS_DIR = Path(__file__).parent / "studies"
 PLACEBO_INIT_SEED = 1000  # placebo at seed s draws its initialisation with model.init_seed = 1000 + s
 
 
@@ -156,17 +162,6 @@ class Preset:
         return rung + base, arms
 
 
-def read_preset(name_or_path: str) -> tuple[Path, dict]:
-    """A study YAML: a preset's name (``archlab/studies/NAME.yaml``) or a path; its parsed content."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESETS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-        raise ConfigError("--preset", name_or_path, f"one of {names}, or a study YAML file")
-    return path, yaml.safe_load(path.read_text())
-
-
 def flops_steps(jobs: list[Job], base: Job, overrides: list[str]) -> list[Job]:
     """``--budget flops``: each job's steps scaled so its training FLOPs equal the baseline's."""
     import torch
@@ -227,9 +222,9 @@ class Study:
             (conf / f"{job.name}.yaml").write_text(job.yaml())
         sweep_dir = self.out / stage
         fixed = [f"logger.group={self.group}", *self.overrides]
-        if self.jobs > 1 and not any(_key(o) == "hydra/launcher" for o in fixed):
+        if self.jobs > 1 and not any(override_key(o) == "hydra/launcher" for o in fixed):
             fixed += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={self.jobs}"]
-        keys = sorted({_key(o) for o in _app_overrides(fixed)})
+        keys = sorted({override_key(o) for o in app_overrides(fixed)})
         self.archlab(
             stage,
             "train",
@@ -253,7 +248,7 @@ class Study:
     def teacher(self, jobs: list[Job]) -> None:
         for seed in sorted({j.seed for j in jobs}):
             steps = max(j.steps for j in jobs if j.seed == seed)
-            overrides = [*_app_overrides(self.overrides), f"seed={seed}", f"trainer.max_steps={steps}"]
+            overrides = [*app_overrides(self.overrides), f"seed={seed}", f"trainer.max_steps={steps}"]
             self.archlab(f"teacher_s{seed}", "teacher", "build", *overrides)
         self.say(
             f"teacher: soft targets ready for seeds {sorted({j.seed for j in jobs})} (logs/teacher_s*.log)"
@@ -263,7 +258,7 @@ class Study:
         """The ladder fit over every rung run (``ladder_fit.json``), printed with its points."""
         from archlab.density import fit_ladder
 
-        summaries = {name: _summary(path) for name, path in runs.items()}
+        summaries = {name: run_summary(path) for name, path in runs.items()}
         fit = fit_ladder(
             [s["params/non_embedding"] for s in summaries.values()],
             [s["val/bpb"] for s in summaries.values()],
@@ -313,10 +308,6 @@ class Study:
         return len({j.seed for j in jobs})
 
 
-def _summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
 def arms_of(runs: list[tuple[str, Path]]):
     """calibration.Arm per arm from ``(job name, run dir)`` pairs (job names are ``<arm>_s<seed>``)."""
     from archlab.calibration import Arm
@@ -324,7 +315,7 @@ def arms_of(runs: list[tuple[str, Path]]):
     grouped: dict[str, list[tuple[int, dict]]] = {}
     for name, path in runs:
         arm, seed = name.rsplit("_s", 1)
-        grouped.setdefault(arm, []).append((int(seed), _summary(path)))
+        grouped.setdefault(arm, []).append((int(seed), run_summary(path)))
     base = dict(sorted(grouped["baseline"]))[0]
     arms = []
     for arm, results in grouped.items():
@@ -357,30 +348,6 @@ def summary_lines(study: dict) -> list[str]:
             f"[{r['density_lo']:.2f}, {r['density_hi']:.2f}] -> {r['verdict']}"
         )
     return out
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Publish ``data`` as JSON at ``path``: temp file, fsync, rename. JSON has no NaN or infinity: an
-    unknown number (NaN) is written as null, an unbounded interval end as the string "inf" or "-inf"."""
-    text = json.dumps(_finite(data), indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _finite(node):
-    if isinstance(node, dict):
-        return {k: _finite(v) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return [_finite(v) for v in node]
-    if isinstance(node, float) and math.isinf(node):
-        return "inf" if node > 0 else "-inf"
-    if isinstance(node, float) and math.isnan(node):
-        return None
-    return node
 
 
 class StudyError(RunFailedError):
@@ -422,7 +389,7 @@ def main(args: list[str]) -> int:
     if unknown:
         raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(preset.students)}")
     out = new_out(opts.out)
-    steps, overrides = _steps(preset, opts.overrides)
+    steps, overrides = steps_of(preset, opts.overrides)
     ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)
     _check_overrides([*preset.overrides, *overrides], [*ladder_jobs, *arm_jobs])
     skipped = {j.arm: j.missing() for j in arm_jobs if j.missing()}
@@ -431,7 +398,7 @@ def main(args: list[str]) -> int:
     arm_jobs = [j for j in arm_jobs if j.arm not in skipped]
     if opts.budget == "flops":
         base = ladder_jobs[preset.rungs.index(preset.baseline_rung)]
-        app = _app_overrides([*preset.overrides, *overrides])
+        app = app_overrides([*preset.overrides, *overrides])
         ladder_jobs, arm_jobs = flops_steps(ladder_jobs, base, app), flops_steps(arm_jobs, base, app)
     if seeds == 1:
         print("archlab study: warning: one seed per arm: the seed noise comes from the placebo alone and "
@@ -449,16 +416,6 @@ def main(args: list[str]) -> int:
     return 0
 
 
-def new_out(path: str | None) -> Path:
-    """The study's output dir (default: outputs/study/<date>_<time>), which must be new or empty."""
-    out = check_out(
-        Path(path or Path("outputs", "study", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))), directory=True
-    )
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("--out", str(out), "a new or empty directory")
-    return out
-
-
 def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
     """``archlab study --preset continual|onpolicy``: arms of one student (``archlab.arm_study``)."""
     for flag, value in (("--students", opts.students), ("--budget", opts.budget != "tokens" or None)):
@@ -469,7 +426,7 @@ def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
     seeds = preset.seeds if opts.seeds is None else opts.seeds
     if seeds < 1:
         raise ConfigError("--seeds", seeds, "a positive number of seeds")
-    steps, overrides = _steps(preset, opts.overrides)
+    steps, overrides = steps_of(preset, opts.overrides)
     preset = replace(preset, steps=steps)
     study = ArmStudy(new_out(opts.out).resolve(), preset, overrides, seeds)
     study.check()
@@ -482,22 +439,6 @@ def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
     return 0
 
 
-def _steps(preset: Preset | ArmsPreset, overrides: list[str]) -> tuple[int, list[str]]:
-    """The baseline's trainer.max_steps (the preset's, or the user's override) and the other overrides."""
-    steps, rest = preset.steps, []
-    for o in overrides:
-        if _key(o) == "trainer.max_steps":
-            try:
-                steps = int(o.split("=", 1)[1])
-            except ValueError:
-                raise ConfigError("trainer.max_steps", o.split("=", 1)[1], "a positive integer") from None
-        else:
-            rest.append(o)
-    if steps < 1:
-        raise ConfigError("trainer.max_steps", steps, "a positive integer")
-    return steps, rest
-
-
 def _check_overrides(overrides: list[str], jobs: list[Job]) -> None:
     """Compose and validate every job's config with the study's overrides before any work."""
     from archlab.config import compose, validate
@@ -507,14 +448,4 @@ def _check_overrides(overrides: list[str], jobs: list[Job]) -> None:
         if job.arm in seen or job.missing():
             continue
         seen.add(job.arm)
-        validate(compose([*_app_overrides(overrides), *job.overrides()]))
-
-
-def _key(override: str) -> str:
-    """``+a.b=1`` -> ``a.b``."""
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def _app_overrides(overrides: list[str]) -> list[str]:
-    """The overrides of archlab's config, without Hydra's own (``hydra/launcher=...``, ``hydra.x=...``)."""
-    return [o for o in overrides if not _key(o).startswith("hydra")]
+        validate(compose([*app_overrides(overrides), *job.overrides()]))

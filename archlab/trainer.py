@@ -30,9 +30,9 @@ from tqdm import tqdm
 from archlab import checkpoint, distributed, plots, registry
 from archlab.config import Schedule, TrainerConfig
 from archlab.data import TokenSplit, build_split, n_val_windows, train_batch
+from archlab.distill_checks import wants_in_context
 from archlab.errors import ConfigError, NonFiniteLossError
 from archlab.evaluation import Evaluation
-from archlab.incontext import wants_in_context
 from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics

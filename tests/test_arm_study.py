@@ -11,7 +11,7 @@ import yaml
 
 from archlab.arm_study import interval, tabulate
 from archlab.cli import main
-from archlab.study import read_preset
+from archlab.study_common import read_preset
 
 
 def test_interval_is_the_t_interval_of_the_mean():
