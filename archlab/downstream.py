@@ -32,18 +32,26 @@ def require_lm_eval() -> None:
         ) from None
 
 
-def task_manager(tasks: list[str]):
-    """lm-eval's ``TaskManager`` that knows ``tasks``: archlab's own alone when they are all it asks for
-    (indexing lm-eval's ~15 000 task configs takes seconds), else lm-eval's too. A ``ConfigError`` names
-    the first unknown task, with the nearest known one."""
+def task_manager(tasks: list[str], include: list[Path] = ()):
+    """lm-eval's ``TaskManager`` that knows ``tasks``: archlab's own and those under ``include`` alone
+    when they hold every one of them (indexing lm-eval's ~15 000 task configs takes seconds), else
+    lm-eval's too. A ``ConfigError`` names the first unknown task, with the nearest known one; a near
+    miss of archlab's own fails before lm-eval's tasks are indexed."""
     from lm_eval.tasks import TaskManager
 
-    ours = set(tasks) <= set(SHIPPED)
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not ours)
-    known = manager.all_tasks
-    for name in tasks:
-        if name not in known:
-            tail = typos.nearest(name, known, "tasks")
+    paths = [str(TASKS_DIR), *map(str, include)]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    unknown = [name for name in tasks if name not in manager.all_tasks]
+    for name in unknown:
+        if typos.nearest(name, list(SHIPPED), "").startswith(";"):
+            raise ConfigError(
+                "--tasks", name, f"a task lm-eval knows{typos.nearest(name, list(SHIPPED), '')}"
+            )
+    if unknown:
+        manager = TaskManager(include_path=paths)
+    for name in unknown:
+        if name not in manager.all_tasks:
+            tail = typos.nearest(name, manager.all_tasks, "tasks")
             if not tail.startswith(";"):
                 tail = f" (archlab's own: {', '.join(SHIPPED)}; `lm_eval ls tasks` lists lm-eval's)"
             raise ConfigError("--tasks", name, f"a task lm-eval knows{tail}")
@@ -70,10 +78,12 @@ def evaluate(
     batch_size: int = 8,
     device: str = "auto",
     bootstrap_iters: int = 1000,
+    include: list[Path] = (),
 ) -> dict:
-    """lm-eval's ``simple_evaluate`` of run ``run``'s student on ``tasks``: its results dict."""
+    """lm-eval's ``simple_evaluate`` of run ``run``'s student on ``tasks`` (found among archlab's own,
+    the task YAMLs under ``include`` and lm-eval's): its results dict."""
     require_lm_eval()
-    manager = task_manager(tasks)
+    manager = task_manager(tasks, include)
     from lm_eval import simple_evaluate
 
     from archlab.lmeval import ArchlabLM
@@ -116,6 +126,9 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "--bootstrap-iters", type=int, default=1000, help="resamples for the perplexities' stderr"
     )
+    parser.add_argument(
+        "--include-path", type=Path, action="append", default=[], help="a folder of your own task YAMLs"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default <run dir>/eval.json)")
     opts = parser.parse_args(args)
     tasks = parse_tasks(opts.tasks)
@@ -126,6 +139,9 @@ def main(args: list[str]) -> int:
     ):
         if bad:
             raise ConfigError(key, value, "a positive integer" if key != "--bootstrap-iters" else ">= 0")
+    missing = next((p for p in opts.include_path if not p.is_dir()), None)
+    if missing is not None:
+        raise ConfigError("--include-path", str(missing), "a folder of lm-eval task YAMLs")
     ckpt = checkpoint.find(opts.run, key="RUN")
     out = check_out(opts.out or run_dir_of(ckpt) / "eval.json", directory=False)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
@@ -136,6 +152,7 @@ def main(args: list[str]) -> int:
         batch_size=opts.batch_size,
         device=opts.device,
         bootstrap_iters=opts.bootstrap_iters,
+        include=opts.include_path,
     )
     from lm_eval.utils import handle_non_serializable, make_table
 

@@ -10,8 +10,9 @@ Every request is answered by the student's own forward (any plugins, exportable 
 - ``loglikelihood``: log p(continuation | context) = Σ_i log softmax(f(x_<i))[x_i] over the continuation's
   tokens, and whether each is the argmax. ``context + continuation`` is left-truncated to the last
   ``model.context + 1`` tokens (the harness's standard truncation); a continuation longer than the
-  context is scored in disjoint windows, each token with the ``model.context`` tokens before it
-  (``scoring_windows``). Batches are right-padded: causal, a row's scored positions never see padding.
+  context is scored in disjoint chunks, each chunk by the ``model.context`` tokens that end before its
+  last token, as the rolling windows below (``scoring_windows``). Batches are right-padded: causal, a
+  row's scored positions never see its padding.
 - ``loglikelihood_rolling``: the same windows for the document after the end-of-document token: the
   harness's disjoint rolling windows (``get_rolling_token_windows`` with ``context_len=1``), every token
   predicted exactly once.
@@ -22,7 +23,6 @@ Every request is answered by the student's own forward (any plugins, exportable 
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections import defaultdict
 
@@ -34,11 +34,9 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from archlab import checkpoint
-from archlab.errors import ConfigError
+from archlab.errors import ArchlabError, ConfigError
 from archlab.generate import decode, supports_kv_cache
 from archlab.trainer import resolve_device, tokenizer_for
-
-log = logging.getLogger(__name__)
 
 #: One scoring request: (the harness's cache key or None, context tokens, continuation tokens).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -220,13 +218,19 @@ class ArchlabLM(TemplateLM):
         return [min((t.split(stop)[0] for stop in until), key=len) for t in texts]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line, with the ``archlab`` model registered."""
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's own command line, with the ``archlab`` model registered; archlab's errors (a missing
+    run, a device this machine lacks: the harness's default is ``cuda:0``) as one line, exit 2."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ArchlabError as exc:
+        print(f"archlab: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
