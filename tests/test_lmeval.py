@@ -180,9 +180,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cli_runner, archlab_cache:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("student", [[], ["residual=attnres"]], ids=["dense", "attnres"])
-def test_archlab_eval_runs_both_shipped_tasks(trained, run_cli, student: list[str], tmp_path: Path) -> None:
-    run = trained("-".join(student) or "dense", *student)
+@pytest.mark.parametrize("name, student", [("dense", []), ("attnres", ["residual=attnres"])])
+def test_archlab_eval_runs_both_shipped_tasks(
+    trained, run_cli, name: str, student: list[str], tmp_path
+) -> None:
+    run = trained(name, *student)
     out = tmp_path / "scores.json"
     done = run_cli("eval", str(run), "--tasks", TASKS, "--limit", "8", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
