@@ -15,14 +15,16 @@ from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from omegaconf import OmegaConf
 
-from archlab import checkpoint, downstream
+from archlab import checkpoint, downstream, study
 from archlab.config import TrainerConfig, compose
 from archlab.data import TokenSplit
+from archlab.errors import ConfigError
 from archlab.eval_tasks import TASKS_DIR, jsonl_dataset
 from archlab.evaluation import Evaluation
 from archlab.generate import generate
 from archlab.lmeval import ArchlabLM, scoring_windows
 from archlab.model import build_student
+from archlab.report import calibration
 from archlab.tokenizer import ByteTokenizer
 from tests.conftest import TINY_RUN
 
@@ -31,19 +33,24 @@ SHAPE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", f"model.cont
 TASKS = "archlab_stdlib_choice,archlab_stdlib_perplexity"
 
 
-@pytest.fixture
-def saved(tmp_path: Path):
-    """A run dir holding one checkpoint of a random student (weights scaled up, so that greedy text
-    varies), and that student."""
+def save_student(run: Path, seed: int = 0):
+    """A run dir ``run`` holding one checkpoint of a random student (weights scaled up, so that greedy
+    text varies); returns that student."""
     cfg = compose(SHAPE)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_student(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8)
     state = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
-    checkpoint.save(tmp_path / "checkpoints", 1, model, state)
-    return tmp_path, model.eval().requires_grad_(False)
+    checkpoint.save(run / "checkpoints", 1, model, state)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def saved(tmp_path: Path):
+    """A run dir of a random student (``save_student``) and that student."""
+    return tmp_path, save_student(tmp_path)
 
 
 def instance(kind: str, *args) -> Instance:
@@ -220,3 +227,55 @@ def test_rolling_bits_per_byte_equals_archlabs_val_bpb_on_the_same_text(trained,
     t = TrainerConfig(batch_size=4, eval_tokens=8 * C)
     own = Evaluation(model, split, t, None, torch.device("cpu"), contextlib.nullcontext)()["val/bpb"]
     assert harness == pytest.approx(own, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [(["--eval", "archlab_stdlib_choise"], "--tasks"), (["--eval-limit", "3"], "--eval-limit")],
+)
+def test_study_refuses_bad_eval_tasks_before_any_work(args: list[str], key: str, tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    with pytest.raises(ConfigError, match=key):
+        study.main(["--quick", "--out", str(out), *args])
+    assert not out.exists()
+
+
+def test_mean_scores_average_each_metric_over_the_runs_that_have_it() -> None:
+    runs = [{"a": {"acc": 0.25, "acc_norm": 0.5}}, {"a": {"acc": 0.75}, "b": {"bits_per_byte": 3.0}}]
+    assert study.mean_scores(runs) == {"a": {"acc": 0.5, "acc_norm": 0.5}, "b": {"bits_per_byte": 3.0}}
+
+
+@pytest.mark.slow
+def test_study_eval_adds_each_arms_downstream_scores_to_its_row(tmp_path: Path) -> None:
+    runs = {name: tmp_path / name for name in ("baseline_s0", "baseline_s1", "mqa_s0")}
+    for seed, run in enumerate(runs.values()):
+        save_student(run, seed)
+    job = study.Study(
+        tmp_path / "study", study.Preset.load("quick"), [], "tokens", 1, evals=(["archlab_stdlib_choice"], 4)
+    )
+    result = {"students": [{"name": "baseline"}, {"name": "mqa"}]}
+    job.downstream(list(runs.items()), result)
+    acc = {
+        name: json.loads((run / "eval.json").read_text())["scores"]["archlab_stdlib_choice"]["acc"]
+        for name, run in runs.items()
+    }
+    assert all(a in (0, 0.25, 0.5, 0.75, 1) for a in acc.values())  # 4 items each
+    baseline, mqa = result["students"]
+    assert (
+        baseline["downstream"]["archlab_stdlib_choice"]["acc"]
+        == (acc["baseline_s0"] + acc["baseline_s1"]) / 2
+    )
+    assert mqa["downstream"]["archlab_stdlib_choice"]["acc"] == acc["mqa_s0"]
+    assert "  mqa downstream: archlab_stdlib_choice acc" in study.downstream_line(mqa)
+    accs = [row[-2] for row in _rows(result)]  # the report's verdict table: acc, then acc_norm
+    assert accs == [f"{baseline['downstream']['archlab_stdlib_choice']['acc']:.4g}", f"{acc['mqa_s0']:.4g}"]
+
+
+def _rows(result: dict) -> list[list[str]]:
+    """The report's verdict rows of ``result`` given the fields the table reads besides downstream."""
+    filled = {"role": "student", "seeds": [0], "bpb_mean": 1.0, "delta_bpb": 0.0, "delta_bpb_lo": 0.0,
+              "delta_bpb_hi": 0.0, "density": 1.0, "density_lo": 1.0, "density_hi": 1.0,
+              "density_per_active": 1.0, "verdict": "x"}  # fmt: skip
+    header, rows = calibration.rows({"students": [{**filled, **r} for r in result["students"]]})
+    assert header[-2:] == ["archlab_stdlib_choice acc", "archlab_stdlib_choice acc_norm"]
+    return rows
