@@ -75,7 +75,9 @@ def scoring_windows(
 @register_model("archlab")
 class ArchlabLM(TemplateLM):
     """The student of run ``run`` (a run dir, its checkpoints/ dir or one checkpoint dir), frozen, on
-    ``device`` (``auto``: CUDA where available), scoring ``batch_size`` sequences per forward."""
+    ``device`` (``auto``: CUDA where available), scoring ``batch_size`` sequences per forward.
+    ``max_batch_size`` is what the harness passes for its ``batch_size=auto``, which this model does
+    not offer (``batch_size`` must be a number); it is accepted and unused."""
 
     def __init__(
         self,
