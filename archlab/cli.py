@@ -47,6 +47,9 @@ commands:
   teacher sample CHECKPOINT --prompts N --temperature T --top-p P [--samples-per-prompt K] --out DIR
                       a corpus sampled from a checkpoint, with a provenance manifest, for
                       corpus=files (sequence-level KD; SSD when it is the student's own run)
+  eval RUN --tasks T1,T2 [--limit N] [--batch-size B] [--out FILE]
+                      score a student on lm-eval tasks (archlab's own offline ones:
+                      archlab_stdlib_choice, archlab_stdlib_perplexity); needs archlab[eval]
   export CHECKPOINT --packed [--out PATH]
                       write the student as one packed safetensors file (ternary: 2 bits per weight);
                       `generate` reads it too
@@ -389,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             from archlab import export
 
             return export.main(rest)
+        if command == "eval":
+            from archlab import downstream
+
+            return downstream.main(rest)
         if command == "new-plugin":
             from archlab import scaffold
 

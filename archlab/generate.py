@@ -8,6 +8,8 @@ whose probability reaches p (nucleus sampling, Holtzman et al. 2020, arXiv 1904.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -67,7 +69,7 @@ def check_can_generate(model: Student, prompt: Tensor, max_new_tokens: int, *, u
 
 
 @torch.no_grad()
-def generate(
+def decode(
     model: Student,
     prompt: Tensor,
     max_new_tokens: int,
@@ -77,8 +79,9 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-) -> Tensor:
-    """Continue ``prompt`` (b, t) by ``max_new_tokens``; returns (b, t + max_new_tokens)."""
+) -> Iterator[Tensor]:
+    """The new tokens (b,) continuing ``prompt`` (b, t), one step at a time, up to ``max_new_tokens``:
+    a caller that stops iterating (a stop string, ``archlab.lmeval``) spends no further forward."""
     check_can_generate(model, prompt, max_new_tokens, use_cache=use_cache)
     model.eval()
     cache = KVCache(model.dims.context) if use_cache else None
@@ -88,4 +91,11 @@ def generate(
         new = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         tokens = torch.cat((tokens, new[:, None]), dim=1)
         fresh = new[:, None]
-    return tokens
+        yield new
+
+
+def generate(model: Student, prompt: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+    """Continue ``prompt`` (b, t) by ``max_new_tokens``; returns (b, t + max_new_tokens). ``sampling``:
+    ``decode``'s keywords (temperature, top_k, top_p, generator, use_cache)."""
+    new = list(decode(model, prompt, max_new_tokens, **sampling))
+    return torch.cat((prompt, torch.stack(new, 1)), dim=1) if new else prompt

@@ -182,9 +182,17 @@ class Study:
     """Runs the stages into ``out``, printing one line per stage."""
 
     def __init__(
-        self, out: Path, preset: Preset, overrides: list[str], budget: str, jobs: int, wandb: bool = False
+        self,
+        out: Path,
+        preset: Preset,
+        overrides: list[str],
+        budget: str,
+        jobs: int,
+        wandb: bool = False,
+        evals: tuple[list[str], int | None] = ([], None),
     ) -> None:
         self.out, self.preset, self.budget, self.jobs, self.wandb = out, preset, budget, jobs, wandb
+        self.eval_tasks, self.eval_limit = evals  # lm-eval tasks scored for every run, documents per task
         self.group = f"study_{out.name}"
         self.overrides = ["trainer.progress=false", *preset.overrides, *overrides]
         self.start = time.perf_counter()
@@ -286,9 +294,12 @@ class Study:
         base_rung = ladder.rung_name(self.preset.baseline_rung)
         baseline = [("baseline_s0", runs[f"{base_rung}_s0"])]
         baseline += [(j.name, runs[j.name]) for j in ladder_jobs if j.role == "baseline"]
-        study = calibrate(arms_of([*baseline, *((j.name, runs[j.name]) for j in arm_jobs)]), fit)
+        pairs = [*baseline, *((j.name, runs[j.name]) for j in arm_jobs)]
+        study = calibrate(arms_of(pairs), fit)
         study = {"budget": self.budget, "seeds": self.seeds(arm_jobs), "preset": self.preset.name} | study
         study["fit"] = {k: v for k, v in fit.to_dict().items() if k != "boot"}
+        if self.eval_tasks:
+            self.downstream(pairs, study)
         write_json(self.out / "study.json", study)
         for line in summary_lines(study):
             self.say(line)
@@ -302,6 +313,21 @@ class Study:
 
             publish_if_possible(loaded, fit, project=None, entity=None, study=study)
         return index
+
+    def downstream(self, pairs: list[tuple[str, Path]], study: dict) -> None:
+        """``archlab eval`` of every arm's runs (``(job name, run dir)``) on ``eval_tasks``, into
+        ``<run>/eval.json``; each row of ``study["students"]`` gains ``downstream``: per task, each
+        metric's mean over the arm's seeds (``mean_scores``)."""
+        per_arm: dict[str, list[dict]] = {}
+        args = ["--tasks", ",".join(self.eval_tasks)]
+        args += [] if self.eval_limit is None else ["--limit", str(self.eval_limit)]
+        for name, run in pairs:
+            out = run / "eval.json"
+            self.archlab(f"eval_{name}", "eval", str(run), *args, "--out", str(out))
+            per_arm.setdefault(name.rsplit("_s", 1)[0], []).append(json.loads(out.read_text())["scores"])
+        for row in study["students"]:
+            row["downstream"] = mean_scores(per_arm[row["name"]])
+        self.say(f"eval: {len(pairs)} runs on {','.join(self.eval_tasks)} (logs/eval_*.log)")
 
     @staticmethod
     def seeds(jobs: list[Job]) -> int:
@@ -331,6 +357,23 @@ def arms_of(runs: list[tuple[str, Path]]):
     return arms
 
 
+def mean_scores(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per task and metric, the mean over ``runs`` (each ``archlab eval``'s ``scores``) of those that
+    have it."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for task, metrics in run.items():
+            for metric, value in metrics.items():
+                values.setdefault(task, {}).setdefault(metric, []).append(value)
+    return {task: {m: sum(v) / len(v) for m, v in ms.items()} for task, ms in values.items()}
+
+
+def downstream_line(row: dict) -> str:
+    """``  NAME downstream: task metric value, ...`` for a row with downstream scores."""
+    scores = ", ".join(f"{t} {m} {v:.4g}" for t, ms in row["downstream"].items() for m, v in ms.items())
+    return f"  {row['name']} downstream: {scores}"
+
+
 def summary_lines(study: dict) -> list[str]:
     """The study's result as printed lines: calibration, then one line per arm."""
     c = study["calibration"]
@@ -347,6 +390,8 @@ def summary_lines(study: dict) -> list[str]:
             f"[{r['delta_bpb_lo']:+.4f}, {r['delta_bpb_hi']:+.4f}], density {r['density']:.2f} "
             f"[{r['density_lo']:.2f}, {r['density_hi']:.2f}] -> {r['verdict']}"
         )
+        if "downstream" in r:
+            out.append(downstream_line(r))
     return out
 
 
@@ -373,6 +418,10 @@ def main(args: list[str]) -> int:
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (default: 2)"
     )
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
+    parser.add_argument(
+        "--eval", help="comma-separated lm-eval tasks to score every run on (archlab eval; archlab[eval])"
+    )
+    parser.add_argument("--eval-limit", type=int, help="--eval: at most N documents per task")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.lr=1e-3")
     opts = parser.parse_args(args)
     path, raw = read_preset("quick" if opts.quick else opts.preset)
@@ -388,6 +437,7 @@ def main(args: list[str]) -> int:
     unknown = [n for n in names if n not in preset.students]
     if unknown:
         raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(preset.students)}")
+    evals = _eval_tasks(opts.eval, opts.eval_limit)
     out = new_out(opts.out)
     steps, overrides = steps_of(preset, opts.overrides)
     ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)
@@ -404,7 +454,7 @@ def main(args: list[str]) -> int:
         print("archlab study: warning: one seed per arm: the seed noise comes from the placebo alone and "
               "the placebo check cannot fail; use --seeds 2 or more for a calibrated study")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    study = Study(out.resolve(), preset, overrides, opts.budget, opts.jobs, opts.wandb)
+    study = Study(out.resolve(), preset, overrides, opts.budget, opts.jobs, opts.wandb, evals)
     rungs = ",".join(ladder.rung_name(k) for k in preset.rungs)
     study.say(
         f"study in {study.out}: preset {preset.name}, {seeds} seed(s), {opts.budget} budget; rungs "
@@ -418,7 +468,12 @@ def main(args: list[str]) -> int:
 
 def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
     """``archlab study --preset continual|onpolicy``: arms of one student (``archlab.arm_study``)."""
-    for flag, value in (("--students", opts.students), ("--budget", opts.budget != "tokens" or None)):
+    refused = (
+        ("--students", opts.students),
+        ("--eval", opts.eval),
+        ("--budget", opts.budget != "tokens" or None),
+    )
+    for flag, value in refused:
         if value:
             raise ConfigError(
                 flag, value, f"not given: preset {preset.name} compares procedures, not students"
@@ -437,6 +492,20 @@ def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
     )
     study.run()
     return 0
+
+
+def _eval_tasks(text: str | None, limit: int | None) -> tuple[list[str], int | None]:
+    """``--eval``'s tasks, checked now (lm-eval installed, every task known), and ``--eval-limit``."""
+    if limit is not None and (limit < 1 or text is None):
+        raise ConfigError("--eval-limit", limit, "a positive integer, with --eval")
+    if text is None:
+        return [], None
+    from archlab import downstream
+
+    tasks = downstream.parse_tasks(text)
+    downstream.require_lm_eval()
+    downstream.task_manager(tasks)
+    return tasks, limit
 
 
 def _check_overrides(overrides: list[str], jobs: list[Job]) -> None:

@@ -41,6 +41,8 @@ def test_the_wheel_carries_conf_and_trains_from_another_directory(tmp_path: Path
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"archlab/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
+    tasks = {f"archlab/eval_tasks/{p.name}" for p in (REPO / "archlab" / "eval_tasks").glob("*.*l")}
+    assert len(tasks) == 4 and tasks <= names, sorted(tasks - names)  # archlab eval's YAMLs and JSONL
     assert not any(n.startswith("conf/") for n in names)  # installed under archlab/, not as a top-level conf
 
     cli_env = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}  # the installed archlab, not the tree

@@ -68,6 +68,8 @@ def rows(study: dict) -> tuple[list[str], list[list[str]]]:
         "ρ/active",
         "verdict",
     ]
+    scored = [(t, m) for t, ms in study["students"][0].get("downstream", {}).items() for m in ms]
+    header += [f"{task} {metric}" for task, metric in scored]  # `archlab study --eval`
     out = []
     for r in study["students"]:
         out.append(
@@ -81,6 +83,7 @@ def rows(study: dict) -> tuple[list[str], list[list[str]]]:
                 f"[{_fmt(r['density_lo'], '.2f')}, {_fmt(r['density_hi'], '.2f')}]",
                 _fmt(r["density_per_active"], ".2f"),
                 r["verdict"],
+                *(_fmt(r["downstream"].get(t, {}).get(m), ".4g") for t, m in scored),
             ]
         )
     return header, out
