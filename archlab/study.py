@@ -399,6 +399,11 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (default: 2)"
     )
+    parser.add_argument(
+        "--teacher",
+        help="the teacher every run distils from, a teacher option (e.g. smollm2; default: the config's); "
+        "a teacher with its own tokenizer gives the students its tokens and vocabulary",
+    )
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.lr=1e-3")
     opts = parser.parse_args(args)
@@ -418,7 +423,7 @@ def main(args: list[str]) -> int:
     )
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", str(out), "a new or empty directory")
-    steps, overrides = _steps(preset, opts.overrides)
+    steps, overrides = _steps(preset, _with_teacher(opts.teacher, opts.overrides))
     ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)
     _check_overrides([*preset.overrides, *overrides], [*ladder_jobs, *arm_jobs])
     skipped = {j.arm: j.missing() for j in arm_jobs if j.missing()}
@@ -459,6 +464,15 @@ def _steps(preset: Preset, overrides: list[str]) -> tuple[int, list[str]]:
     if steps < 1:
         raise ConfigError("trainer.max_steps", steps, "a positive integer")
     return steps, rest
+
+
+def _with_teacher(teacher: str | None, overrides: list[str]) -> list[str]:
+    """The overrides with ``--teacher``'s ``teacher=NAME`` first; refused beside a ``teacher=`` override."""
+    if teacher is None:
+        return overrides
+    if any(_key(o) == "teacher" for o in overrides):
+        raise ConfigError("--teacher", teacher, "either --teacher or a teacher= override, not both")
+    return [f"teacher={teacher}", *overrides]
 
 
 def _check_overrides(overrides: list[str], jobs: list[Job]) -> None:
