@@ -57,6 +57,9 @@ from archlab.errors import ArchlabError
 
 log = logging.getLogger(__name__)
 FILES = ("train_ids", "train_logprobs", "val_ids", "val_logprobs")
+#: Full-vocabulary float32 log-probabilities turned into top-k at a time (64 MiB): the tempered copy and
+#: top-k's scratch stay this size on the teacher's device whatever the batch, context and vocabulary.
+TOPK_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -85,6 +88,28 @@ class SoftTargets:
 
     def to(self, device: torch.device) -> SoftTargets:
         return SoftTargets(self.ids.to(device), self.logprobs.to(device))
+
+
+def top_k_targets(
+    logprobs: Tensor, targets: Tensor, temperature: float, k: int, chunk_rows: int = 0
+) -> tuple[SoftTargets, float]:
+    """The top-k of ``log_softmax(logprobs / τ)`` (on the CPU) and the nats ``−Σ logprobs[targets]``.
+
+    ``logprobs`` is a teacher's full (b, t, V) output, ``targets`` (b, t) the next tokens. The work
+    runs on ``logprobs``' device, ``chunk_rows`` positions at a time (default: ``TOPK_CHUNK_ELEMENTS``
+    worth), and only the top k of each position travels to the CPU: V / k times less than the full
+    distribution. Each position is computed alone, so any chunking gives the same numbers."""
+    b, t, v = logprobs.shape
+    flat, picked = logprobs.reshape(b * t, v), targets.reshape(b * t, 1).to(logprobs.device)
+    rows, k = chunk_rows or max(1, TOPK_CHUNK_ELEMENTS // v), min(k, v)
+    ids, values = torch.empty(b * t, k, dtype=torch.long), torch.empty(b * t, k)
+    nats = torch.empty(b * t)
+    for first in range(0, b * t, rows):
+        chunk, rows_here = flat[first : first + rows].float(), slice(first, first + rows)
+        nats[rows_here] = chunk.gather(-1, picked[rows_here])[:, 0].cpu()
+        top = SoftTargets.from_logprobs(torch.log_softmax(chunk / temperature, dim=-1), k)
+        ids[rows_here], values[rows_here] = top.ids.cpu(), top.logprobs.cpu()
+    return SoftTargets(ids.view(b, t, k), values.view(b, t, k)), -float(nats.sum())
 
 
 @dataclass
@@ -284,10 +309,8 @@ def _fill(
     nats = []
     for first, count in batches:
         x, y = starts_of(first, count)
-        logprobs = teacher.log_probs(x).float().cpu()
-        nats.append(-float(logprobs.gather(-1, y[..., None]).sum()))
-        tempered = torch.log_softmax(logprobs / temperature, dim=-1)
-        top = SoftTargets.from_logprobs(tempered, k)
+        top, batch_nats = top_k_targets(teacher.log_probs(x), y, temperature, k)
+        nats.append(batch_nats)
         for name, values in (("ids", top.ids), ("logprobs", top.logprobs)):
             fd, dtype = files[f"{split}_{name}"]
             _write_rows(fd, first, values.numpy().astype(dtype))

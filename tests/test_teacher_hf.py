@@ -131,3 +131,9 @@ def test_missing_checkpoint_is_a_clear_error_before_training(tmp_path, corpus) -
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("archlab: error: teacher.path=")
+
+
+def test_a_missing_gguf_file_is_a_clear_error_before_training(checkpoint, corpus, tmp_path) -> None:
+    cfg = compose([*overrides(checkpoint, corpus, tmp_path), "teacher.gguf_file=absent.gguf"])
+    with pytest.raises(ConfigError, match=r"teacher.gguf_file='absent.gguf'.* a GGUF file in teacher.path="):
+        load_split(cfg)
