@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from archlab import registry, slots, typos
+from archlab.bpe import BPETokenizerConfig
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
 from archlab.model import dims_from, linear_factory, slot_choices
@@ -112,6 +113,13 @@ class DataConfig:
     # documents once it holds its share, so it may exceed that share by part of its last document
     max_bytes: int | None = None
     cache_dir: str = "${oc.env:ARCHLAB_CACHE,'~/.cache/archlab'}"
+
+
+@dataclass
+class BytesTokenizerConfig:
+    """``tokenizer=bytes`` (the default): UTF-8 bytes are the tokens (``archlab.tokenizer``)."""
+
+    kind: str = "bytes"
 
 
 @dataclass
@@ -210,6 +218,8 @@ def register_configs() -> None:
     cs.store(group="trainer", name="_schema", node=TrainerConfig, provider="archlab")
     cs.store(group="data", name="default", node=DataConfig, provider="archlab")
     cs.store(group="distill", name="default", node=DistillConfig, provider="archlab")
+    cs.store(group="tokenizer", name="bytes", node=BytesTokenizerConfig, provider="archlab")
+    cs.store(group="tokenizer", name="bpe", node=BPETokenizerConfig, provider="archlab")
     cs.store(group="density", name="default", node=DensityConfig, provider="archlab")
     cs.store(group="teacher", name="none", node=NoTeacher, provider="archlab")
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
@@ -234,6 +244,7 @@ def validate(cfg: DictConfig) -> None:
     OmegaConf.to_object(cfg.trainer).validate()
     OmegaConf.to_object(cfg.distill).validate()
     OmegaConf.to_object(cfg.density).validate()
+    tokenizer_config(cfg)
     objective, objective_cfg = registry.configured("objective", cfg.objective)
     if offers(objective_cfg, ValidatesConfig):
         objective_cfg.validate(dims)
@@ -251,6 +262,19 @@ def validate(cfg: DictConfig) -> None:
         from archlab.onpolicy import validate_on_policy
 
         validate_on_policy(cfg, dims, objective)
+
+
+def tokenizer_config(cfg: DictConfig) -> BytesTokenizerConfig | BPETokenizerConfig:
+    """The run's ``tokenizer`` section, checked; bytes for a config saved before it existed."""
+    node = cfg.get("tokenizer")
+    kinds = {"bytes": BytesTokenizerConfig, "bpe": BPETokenizerConfig}
+    kind = "bytes" if node is None else node.get("kind")
+    if kind not in kinds:
+        raise ConfigError("tokenizer.kind", kind, "bytes or bpe (tokenizer=bytes or tokenizer=bpe)")
+    spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kinds[kind]), node or {}))
+    if isinstance(spec, BPETokenizerConfig):
+        spec.validate()
+    return spec
 
 
 def _refuse_unread_keys(cfg: DictConfig) -> None:

@@ -104,7 +104,7 @@ def sample_documents(
 def sample_corpus(ckpt_path: str | Path, out: Path, s: SampleSettings, device: torch.device) -> dict:
     """Sample the corpus ``s`` describes from ``ckpt_path`` into the new directory ``out``; its manifest."""
     from archlab.data import train_batch
-    from archlab.trainer import load_split, tokenizer_for
+    from archlab.trainer import load_split
 
     out = Path(out).expanduser().absolute()
     if out.exists():
@@ -119,7 +119,7 @@ def sample_corpus(ckpt_path: str | Path, out: Path, s: SampleSettings, device: t
     x, _ = train_batch(split.train, context=context, seed=s.seed, first=0, count=s.prompts)
     model = checkpoint.load_student(ckpt, device)
     n_new = s.max_new_tokens or context - s.prompt_len
-    docs = sample_documents(model, x[:, : s.prompt_len].to(device), n_new, s, tokenizer_for(cfg))
+    docs = sample_documents(model, x[:, : s.prompt_len].to(device), n_new, s, split.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
