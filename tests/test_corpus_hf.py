@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -145,3 +147,6 @@ def test_train_from_a_local_data_set_with_a_learnt_bpe(tmp_path, train_cli, monk
     assert np.isfinite(summary["val/bpb"]) and summary["corpus/tokenizer"].startswith("bpe:")
     saved = checkpoint.saved_config(checkpoint.find(str(tmp_path / "run")))
     assert saved.model.vocab_size == 320 and saved.tokenizer.path.endswith("tokenizer.json")
+    generate = [sys.executable, "-m", "archlab.cli", "generate", str(tmp_path / "run"), "--prompt", "Grüße"]
+    result = subprocess.run([*generate, "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("Grüße"), result.stderr[-2000:]
