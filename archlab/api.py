@@ -21,6 +21,10 @@ What is here, by use:
 - **Capabilities** (``archlab.slots``): the optional hooks a plugin may offer, each a
   runtime-checkable ``Protocol`` (``SupportsKVCache``, ``PackedState``, ...), and ``offers(obj,
   protocol)``, the one way to ask whether something offers one.
+- **Export to transformers** (``archlab export --hf``): ``HFPart`` (what a plugin's ``hf_export()``
+  returns), ``NotExportable``, ``linear_tensors`` (a projection's tensors, through the linear plugin),
+  ``split_rows`` (a fused projection as separate ones), ``part_of`` (a sub-module's part); see
+  docs/export.md.
 - **Plugins of a part slot** (an MoE layer choosing its router): ``get_plugin(slot, name)``
   and ``installed_plugins(slot)``.
 """
@@ -33,6 +37,7 @@ from archlab.baselines.objective import bucketed, kl
 from archlab.baselines.position import apply_rotary, rope_tables, rotate_half
 from archlab.context import ForwardContext, KVCache, ModelDims
 from archlab.errors import ArchlabError, ConfigError, PluginError
+from archlab.hf_export import HFPart, NotExportable, linear_tensors, part_of, split_rows
 from archlab.kernels import causal_mask
 from archlab.model import RESIDUAL_OUTPUT_ROLES
 from archlab.plots import DepthWeights
@@ -46,6 +51,7 @@ from archlab.slots import (
     DeclaresCausality,
     DepthWeightsReport,
     DraftHeads,
+    HFExport,
     KVCacheAccounting,
     NormalizesInput,
     PackedState,
@@ -73,6 +79,9 @@ __all__ = [
     "DeclaresCausality",
     "DepthWeightsReport",
     "DraftHeads",
+    "HFExport",
+    "HFPart",
+    "NotExportable",
     "KVCacheAccounting",
     "NormalizesInput",
     "PackedState",
@@ -102,6 +111,9 @@ __all__ = [
     "get_plugin",
     "installed_plugins",
     "kl",
+    "linear_tensors",
+    "part_of",
     "rope_tables",
     "rotate_half",
+    "split_rows",
 ]

@@ -50,6 +50,9 @@ commands:
   export CHECKPOINT --packed [--out PATH]
                       write the student as one packed safetensors file (ternary: 2 bits per weight);
                       `generate` reads it too
+  export CHECKPOINT --hf DIR [--force]
+                      write the student as a transformers model directory (Llama, Arcee, DeepSeek-V3
+                      classes) with its tokenizer, checked by loading it back
   new-plugin SLOT NAME [--dir DIR]
                       write a new plugin distribution (entry point, typed Config, preset, conformance
                       test); see docs/writing-a-plugin.md
@@ -179,6 +182,7 @@ def teacher(args: list[str]) -> int:
     opts = parser.parse_args(args)
     from archlab import distributed
     from archlab.config import compose, validate
+    from archlab.incontext import wants_in_context
     from archlab.trainer import load_split, resolve_device, soft_targets_for
 
     distributed.slurm_env()
@@ -187,8 +191,8 @@ def teacher(args: list[str]) -> int:
     logging.basicConfig(level=level, format="[%(asctime)s][%(name)s] %(message)s")
     cfg = compose(opts.overrides)
     validate(cfg)
-    if cfg.teacher.plugin == "none":
-        raise ConfigError("teacher", "none", "a teacher plugin to build, e.g. teacher=ngram")
+    if cfg.teacher.plugin == "none" or wants_in_context(cfg.teacher):  # the latter caches no targets
+        raise ConfigError("teacher", cfg.teacher.plugin, "a teacher plugin to build, e.g. teacher=ngram")
     t = OmegaConf.to_object(cfg.trainer)
     parallel = "ddp" if "WORLD_SIZE" in os.environ else "none"  # one process joins no group
     with distributed.process_group(parallel, resolve_device(t.device)) as ranks:

@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from archlab import registry, slots, typos
 from archlab.bpe import BPETokenizerConfig
@@ -262,6 +262,11 @@ def validate(cfg: DictConfig) -> None:
         from archlab.onpolicy import validate_on_policy
 
         validate_on_policy(cfg, dims, objective)
+    if cfg.teacher.plugin != "none":
+        from archlab.incontext import validate_in_context
+        from archlab.onpolicy import sample_tokens
+
+        validate_in_context(cfg, dims, sample_tokens(cfg))  # teacher=self's in-context options
 
 
 def tokenizer_config(cfg: DictConfig) -> BytesTokenizerConfig | BPETokenizerConfig:
@@ -280,15 +285,18 @@ def tokenizer_config(cfg: DictConfig) -> BytesTokenizerConfig | BPETokenizerConf
 def _refuse_unread_keys(cfg: DictConfig) -> None:
     """Refuse a key that Hydra's ``+key=`` added to a dataclass section (trainer, model, ...): nothing reads
     it, so the run would silently ignore it. Plugin slots are checked against their plugin's ``Config``
-    (``registry.configured``)."""
+    (``registry.configured``). A top-level key that is neither ``seed``, a slot nor a section
+    (``+seedd=1``, ``+trainr.lr=1``) is refused the same way."""
+    known = [k for k in cfg if k == "seed" or isinstance(cfg._get_node(k), DictConfig)]
     for section in cfg:
         node = cfg._get_node(section)
-        if not isinstance(node, DictConfig) or "plugin" in node:
-            continue
-        schema = OmegaConf.get_type(node)
-        if not dataclasses.is_dataclass(schema):
-            continue
-        typos.refuse_unread_keys(section, node, schema, section)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if section != "seed" and not (schema and ("plugin" in node or dataclasses.is_dataclass(schema))):
+            others = [k for k in known if k != section]
+            allowed = f"a top-level key of the config{typos.nearest(str(section), others, 'its keys')}"
+            raise ConfigError(str(section), cfg[section], allowed)
+        if isinstance(node, DictConfig) and "plugin" not in node and dataclasses.is_dataclass(schema):
+            typos.refuse_unread_keys(section, node, schema, section)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -302,3 +310,22 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
     with initialize_config_module("archlab.conf", version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def with_corpus(cfg: DictConfig, overrides: list[str], *, key: str) -> DictConfig:
+    """A copy of ``cfg`` read against another corpus: its ``corpus`` composed from the ``corpus``
+    overrides (``corpus=files``, ``corpus.paths=[...]``), its ``data`` updated by the ``data.`` ones
+    (``data.val_fraction=...``; the cache dir and the rest stay). ``key`` names the overrides in errors."""
+    wrong = [o for o in overrides if not o.lstrip("+").startswith(("corpus", "data."))]
+    if wrong:
+        allowed = "corpus and data overrides only (corpus=NAME, corpus.FIELD=VALUE, data.FIELD=VALUE)"
+        raise ConfigError(key, wrong[0], allowed)
+    corpus = [o for o in overrides if o.lstrip("+").startswith("corpus")]
+    data = [o.lstrip("+").removeprefix("data.") for o in overrides if o.lstrip("+").startswith("data.")]
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if corpus:
+            cfg.corpus = compose(corpus).corpus
+        if data:
+            cfg.data = OmegaConf.merge(cfg.data, OmegaConf.from_dotlist(data))
+    return cfg

@@ -1,4 +1,5 @@
-"""``archlab export CHECKPOINT --packed [--out PATH]``: a trained student as one packed safetensors file.
+"""``archlab export CHECKPOINT --packed [--out PATH]``: a trained student as one packed safetensors file
+(``--hf DIR``: as a transformers model directory, ``archlab.hf_dir``).
 
 Generic through two hooks a module may define (docs/plugins.md):
     packed_state() -> dict[str, Tensor]     the module's whole state (its subtree) in a compact form
@@ -119,21 +120,40 @@ def format_report(r: dict[str, int | float], path: Path) -> str:
 
 
 def main(args: list[str]) -> int:
-    """``archlab export CHECKPOINT --packed [--out PATH]``."""
+    """``archlab export CHECKPOINT --packed [--out PATH]`` or ``... --hf DIR [--force]``."""
     parser = argparse.ArgumentParser(
-        prog="archlab export", description="Write a trained student as one packed safetensors file."
+        prog="archlab export",
+        description="Write a trained student as one packed safetensors file (--packed) or as a directory "
+        "that transformers loads with stock classes (--hf DIR).",
     )
     parser.add_argument("checkpoint", help="a run dir, its checkpoints/ dir, or one checkpoint dir")
     parser.add_argument("--packed", action="store_true", help="pack what can be packed (ternary: 2 bits)")
-    parser.add_argument("--out", type=Path, default=None, help="default: CHECKPOINT/packed.safetensors")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="--packed: default CHECKPOINT/packed.safetensors"
+    )
+    parser.add_argument("--hf", type=Path, default=None, metavar="DIR", help="write a transformers model dir")
+    parser.add_argument("--force", action="store_true", help="--hf: replace a non-empty DIR")
     opts = parser.parse_args(args)
-    if not opts.packed:
-        raise ConfigError("--packed", False, "--packed (the only export format so far)")
+    if opts.packed == (opts.hf is not None):
+        raise ConfigError("--packed/--hf", "both" if opts.packed else "neither", "exactly one of them")
     from archlab import checkpoint
 
     ckpt = checkpoint.find(opts.checkpoint, key="CHECKPOINT")
+    if opts.hf is not None:
+        return export_hf(ckpt, check_out(opts.hf, directory=True, key="--hf"), force=opts.force)
     out = check_out(opts.out or ckpt / "packed.safetensors", directory=False)
     model = checkpoint.load_student(ckpt, torch.device("cpu"))
     tensors = save_packed(model, checkpoint.saved_config(ckpt), out)
     print(format_report(size_report(model, tensors), out))
+    return 0
+
+
+def export_hf(ckpt: Path, out: Path, *, force: bool) -> int:
+    """``--hf DIR``: the checkpoint's student and its run's tokenizer as a transformers model directory."""
+    from archlab import checkpoint, hf_dir
+    from archlab.trainer import tokenizer_for
+
+    model = checkpoint.load_student(ckpt, torch.device("cpu"))
+    report = hf_dir.write_dir(model, tokenizer_for(checkpoint.saved_config(ckpt)), out, force=force)
+    print(hf_dir.format_report(report))
     return 0

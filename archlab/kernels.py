@@ -62,18 +62,23 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
 
 
 def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """xformers memory-efficient attention; its layout is (b, t, [g, h/g,] k)."""
-    import xformers.ops as xops
+    """xformers memory-efficient attention in its 4-D layout (b, t, h, k).
 
-    g = k.shape[1]
-    q5 = rearrange(q, "b (g r) t k -> b t g r k", g=g)
-    k5 = rearrange(k, "b g t k -> b t g 1 k").expand_as(q5)
-    v5 = rearrange(v, "b g t k -> b t g 1 k").expand(*q5.shape[:-1], v.shape[-1])
-    bias = (
-        xops.LowerTriangularFromBottomRightMask() if k.shape[2] != q.shape[2] else xops.LowerTriangularMask()
-    )
-    y = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
-    return rearrange(y, "b t g r k -> b (g r) t k")
+    Grouped K/V heads are repeated to one per query head (head i reads KV head i // (h/g), the
+    ``(g r)`` grouping of ``eager_attention``): xformers' 5-D grouped layout has forward operators
+    only, so training would silently leave xformers. Cached decoding (fewer queries than keys)
+    takes the bottom-right-aligned causal bias, like ``causal_mask``.
+    """
+    from xformers.ops import memory_efficient_attention
+    from xformers.ops.fmha.attn_bias import LowerTriangularFromBottomRightMask, LowerTriangularMask
+
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q4, k4, v4 = (rearrange(x, "b h t k -> b t h k") for x in (q, k, v))
+    bias = LowerTriangularFromBottomRightMask() if k.shape[2] != q.shape[2] else LowerTriangularMask()
+    y = memory_efficient_attention(q4, k4, v4, attn_bias=bias)
+    return rearrange(y, "b t h k -> b h t k")
 
 
 _UNSUPPORTED_BY_XFORMERS: set[tuple] = set()
@@ -88,7 +93,7 @@ def xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     """
     if mask is not None:
         return sdpa_attention(q, k, v, mask)
-    key = (q.shape[-1], v.shape[-1], q.dtype, q.shape[2] == k.shape[2])
+    key = (q.shape[-1], v.shape[-1], q.dtype, q.shape[2] == k.shape[2], q.requires_grad)
     if key not in _UNSUPPORTED_BY_XFORMERS:
         try:
             return xformers_attention(q, k, v)

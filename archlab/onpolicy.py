@@ -22,8 +22,8 @@ Departures and choices:
   (seed, step[, rank, micro-batch]), like the data stream (``archlab.data.stream_windows``). Resuming at
   a step therefore replays its draws and samples exactly with no RNG state to checkpoint.
 - Sequences have a fixed length (no early stop at an end-of-document token); the teacher sees the prompt
-  and the samples, nothing else. A teacher conditioned on privileged context (SDFT/OPSD, issue 21 mode 3)
-  plugs in as ``OnPolicyStep.score``: prepend the context to ``tokens`` and drop its positions.
+  and the samples, nothing else, except the in-context teacher (SDFT/OPSD, ``archlab.incontext``), which
+  plugs in as ``OnPolicyStep.score``: it prepends a privileged context and drops its positions.
 - ``ngram`` on contexts it never saw: interpolated Kneser-Ney passes an unseen context's mass to the
   next-shorter context unchanged, down to the uniform 1/256 at order 0, so every byte keeps p > 0 and
   reverse KL stays finite; on a student's garbled samples it degrades towards a unigram model.
@@ -48,6 +48,7 @@ from archlab import registry
 from archlab.context import ModelDims
 from archlab.errors import ConfigError
 from archlab.generate import generate, supports_kv_cache
+from archlab.incontext import InContextTeacher, wants_in_context
 from archlab.slots import is_causal
 from archlab.soft_targets import SoftTargets
 from archlab.step import MicroBatch
@@ -158,10 +159,17 @@ class OnPolicyStep:
         self.sampling = Sampling(float(d.sample_temperature), int(d.sample_top_k), float(d.sample_top_p))
         self.temperature = float(getattr(objective_cfg, "temperature", 1.0))
         teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
-        self.teacher = teacher_cls(teacher_cfg, env)
-        self.teacher.prepare()
-        # mode 3 (a teacher given privileged context) replaces this: tokens (b, t) -> (b, t, v) log-probs
-        self.score: Callable[[Tensor], Tensor] = self.teacher.log_probs
+        #: (tokens (b, t), the micro-batch's training windows (b, context), step, micro) -> (b, t, v)
+        self.score: Callable[[Tensor, Tensor, int, int], Tensor]
+        if wants_in_context(cfg.teacher):  # the student itself given privileged context (SDFT/OPSD)
+            self.teacher = InContextTeacher(teacher_cfg, trainer)
+            self.score = self.teacher.score
+            self.inner.hooks = [*self.inner.hooks, self.teacher]  # the EMA update, after each optimizer step
+            trainer.state.extras["teacher"] = self.teacher  # θ_T is saved with every checkpoint
+        else:
+            self.teacher = teacher_cls(teacher_cfg, env)
+            self.teacher.prepare()
+            self.score = lambda tokens, *_: self.teacher.log_probs(tokens)
         self._count_to, self._count = 0, 0  # on-policy steps among steps [0, _count_to)
 
     def fraction_so_far(self, step: int) -> float:
@@ -185,7 +193,7 @@ class OnPolicyStep:
                 )
                 inputs = tokens[:, :-1].cpu()  # teachers take CPU tokens; waits for the device's samples
             middle = time.perf_counter()
-            teacher_logp = self.score(inputs).to(t.device)
+            teacher_logp = self.score(inputs, offline.x, step, micro).to(t.device)
             batch, logp = scored_batch(tokens, self.prompt_len, teacher_logp, self.temperature)
             seconds["teacher_s"] += time.perf_counter() - middle
             seconds["sampling_s"] += middle - start

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from archlab import __version__, checkpoint, durable
+from archlab.config import with_corpus
 from archlab.errors import ArchlabError, ConfigError
 from archlab.tokenizer import EOD, ByteTokenizer, Tokenizer
 
@@ -101,8 +102,16 @@ def sample_documents(
     return docs
 
 
-def sample_corpus(ckpt_path: str | Path, out: Path, s: SampleSettings, device: torch.device) -> dict:
-    """Sample the corpus ``s`` describes from ``ckpt_path`` into the new directory ``out``; its manifest."""
+def sample_corpus(
+    ckpt_path: str | Path,
+    out: Path,
+    s: SampleSettings,
+    device: torch.device,
+    corpus_overrides: list[str] = (),
+) -> dict:
+    """Sample the corpus ``s`` describes from ``ckpt_path`` into the new directory ``out``; its manifest.
+    Prompts are prefixes of the checkpoint's training windows, or of another corpus's
+    (``corpus_overrides``, ``archlab.config.with_corpus``)."""
     from archlab.data import train_batch
     from archlab.trainer import load_split
 
@@ -115,7 +124,7 @@ def sample_corpus(ckpt_path: str | Path, out: Path, s: SampleSettings, device: t
     cfg = checkpoint.saved_config(ckpt)
     context = cfg.model.context
     s.validate(context)
-    split = load_split(cfg)
+    split = load_split(with_corpus(cfg, list(corpus_overrides), key="OVERRIDES"))
     x, _ = train_batch(split.train, context=context, seed=s.seed, first=0, count=s.prompts)
     model = checkpoint.load_student(ckpt, device)
     n_new = s.max_new_tokens or context - s.prompt_len
@@ -193,12 +202,19 @@ def main(args: list[str]) -> int:
             default=getattr(defaults, f.name),
         )
     p.add_argument("--device", default="auto")
-    opts = vars(p.parse_args(args))
+    p.add_argument(
+        "corpus_overrides",
+        nargs="*",
+        metavar="OVERRIDES",
+        help="prompts from another corpus: corpus=NAME corpus.FIELD=VALUE data.FIELD=VALUE "
+        "(default: the checkpoint's corpus and data)",
+    )
+    opts = vars(p.parse_intermixed_args(args))
     from archlab.trainer import resolve_device
 
     device = resolve_device(opts.pop("device"), key="--device")
-    ckpt, out = opts.pop("checkpoint"), opts.pop("out")
-    manifest = sample_corpus(ckpt, out, SampleSettings(**opts), device)
+    ckpt, out, corpus_overrides = opts.pop("checkpoint"), opts.pop("out"), opts.pop("corpus_overrides")
+    manifest = sample_corpus(ckpt, out, SampleSettings(**opts), device, corpus_overrides)
     n, skipped, where = len(manifest["documents"]), manifest["skipped_empty"], Path(out).absolute()
     print(f"{n} documents ({skipped} empty skipped) from {manifest['checkpoint']['path']} in {where}")
     print(f"train on them: archlab train corpus=files 'corpus.paths=[{where}/*.txt]'")

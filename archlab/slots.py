@@ -217,6 +217,15 @@ class PackedState(Protocol):
 
 
 @runtime_checkable
+class HFExport(Protocol):
+    """Its place in a stock transformers model (``archlab.hf_export.HFPart``: the model types it fits, the
+    config fields it sets, its tensors under transformers' names): ``archlab export --hf`` requires it of
+    every part of the student and refuses, naming the slot and plugin, where one lacks it."""
+
+    def hf_export(self) -> Any: ...
+
+
+@runtime_checkable
 class StepEndHook(Protocol):
     """Runs after every optimizer step (the aux-loss-free router's bias update)."""
 
@@ -315,6 +324,11 @@ CAPABILITIES = (
     Capability(SparseParams, "`num_sparse_params()`", ("memory", "any module")),
     Capability(WeightBytes, "`weight_bytes()`", ("linear",)),
     Capability(PackedState, "`packed_state()`, `load_packed_state(state)`", ("linear",)),
+    Capability(
+        HFExport,
+        "`hf_export()`",
+        ("attention", "ffn", "residual", "linear", "norm", "position", "head", "router"),
+    ),
     Capability(StepEndHook, "`on_step_end()`", ("any module",)),
     Capability(SumsAcrossRanks, '`rank_summed_buffers = ("name", ...)`', ("any module",)),
     Capability(DepthWeightsReport, "`depth_weights()`", ("residual",)),

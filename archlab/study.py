@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from archlab import ladder, registry
+from archlab.arm_study import ArmsPreset, ArmStudy
 from archlab.errors import ConfigError, RunFailedError, check_out
 
 PRESETS_DIR = Path(__file__).parent / "studies"
@@ -120,13 +121,7 @@ class Preset:
 
     @classmethod
     def load(cls, name_or_path: str) -> Preset:
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = PRESETS_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-            raise ConfigError("--preset", name_or_path, f"one of {names}, or a study YAML file")
-        raw = yaml.safe_load(path.read_text())
+        path, raw = read_preset(name_or_path)
         try:
             preset = cls(
                 name=path.stem,
@@ -159,6 +154,17 @@ class Preset:
             )
             arms.append(Job("control", "control", s, base_shape, self.control, steps=steps))
         return rung + base, arms
+
+
+def read_preset(name_or_path: str) -> tuple[Path, dict]:
+    """A study YAML: a preset's name (``archlab/studies/NAME.yaml``) or a path; its parsed content."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError("--preset", name_or_path, f"one of {names}, or a study YAML file")
+    return path, yaml.safe_load(path.read_text())
 
 
 def flops_steps(jobs: list[Job], base: Job, overrides: list[str]) -> list[Job]:
@@ -402,7 +408,10 @@ def main(args: list[str]) -> int:
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.lr=1e-3")
     opts = parser.parse_args(args)
-    preset = Preset.load("quick" if opts.quick else opts.preset)
+    path, raw = read_preset("quick" if opts.quick else opts.preset)
+    if raw.get("kind") == "arms":
+        return procedure_study(ArmsPreset.from_yaml(path.stem, raw, path), opts)
+    preset = Preset.load(str(path))
     seeds = preset.seeds if opts.seeds is None else opts.seeds
     if seeds < 1:
         raise ConfigError("--seeds", seeds, "a positive number of seeds")
@@ -412,12 +421,7 @@ def main(args: list[str]) -> int:
     unknown = [n for n in names if n not in preset.students]
     if unknown:
         raise ConfigError("--students", ",".join(unknown), f"names from {', '.join(preset.students)}")
-    out = check_out(
-        Path(opts.out or Path("outputs", "study", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))),
-        directory=True,
-    )
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("--out", str(out), "a new or empty directory")
+    out = new_out(opts.out)
     steps, overrides = _steps(preset, opts.overrides)
     ladder_jobs, arm_jobs = preset.jobs(names, seeds, steps)
     _check_overrides([*preset.overrides, *overrides], [*ladder_jobs, *arm_jobs])
@@ -445,7 +449,40 @@ def main(args: list[str]) -> int:
     return 0
 
 
-def _steps(preset: Preset, overrides: list[str]) -> tuple[int, list[str]]:
+def new_out(path: str | None) -> Path:
+    """The study's output dir (default: outputs/study/<date>_<time>), which must be new or empty."""
+    out = check_out(
+        Path(path or Path("outputs", "study", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))), directory=True
+    )
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("--out", str(out), "a new or empty directory")
+    return out
+
+
+def procedure_study(preset: ArmsPreset, opts: argparse.Namespace) -> int:
+    """``archlab study --preset continual|onpolicy``: arms of one student (``archlab.arm_study``)."""
+    for flag, value in (("--students", opts.students), ("--budget", opts.budget != "tokens" or None)):
+        if value:
+            raise ConfigError(
+                flag, value, f"not given: preset {preset.name} compares procedures, not students"
+            )
+    seeds = preset.seeds if opts.seeds is None else opts.seeds
+    if seeds < 1:
+        raise ConfigError("--seeds", seeds, "a positive number of seeds")
+    steps, overrides = _steps(preset, opts.overrides)
+    preset = replace(preset, steps=steps)
+    study = ArmStudy(new_out(opts.out).resolve(), preset, overrides, seeds)
+    study.check()
+    study.out.mkdir(parents=True, exist_ok=True)
+    study.say(
+        f"study in {study.out}: preset {preset.name}, {seeds} seed(s), {steps} steps per arm; arms "
+        f"{','.join(preset.arms)}; domains {','.join(preset.domains)}; overrides {' '.join(study.overrides)}"
+    )
+    study.run()
+    return 0
+
+
+def _steps(preset: Preset | ArmsPreset, overrides: list[str]) -> tuple[int, list[str]]:
     """The baseline's trainer.max_steps (the preset's, or the user's override) and the other overrides."""
     steps, rest = preset.steps, []
     for o in overrides:

@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -51,6 +52,9 @@ class TrainState:
         self.cfg, self.t, self.run_dir, self.ranks = cfg, t, run_dir, ranks
         self.model, self.optimizer, self.scheduler, self.lr_factor = model, optimizer, scheduler, lr_factor
         self.ckpt_root = run_dir / "checkpoints"
+        #: more of the run's state, saved in each checkpoint's state.pt under its key: objects offering
+        #: ``state_dict()`` (tensors and plain data) and ``load_state_dict(state)`` (the EMA teacher's θ_T)
+        self.extras: dict[str, Any] = {}
 
     def save(self, step: int, wandb_id: str | None) -> Path:
         """Checkpoint ``step``: on every rank of a ``ddp``/``fsdp`` run (a collective), else this process."""
@@ -62,6 +66,7 @@ class TrainState:
             "wandb_id": wandb_id,
             "world_size": self.ranks.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+            **{key: part.state_dict() for key, part in self.extras.items()},
         }
         if self.t.parallel == "none":
             state["optimizer"] = self.optimizer.state_dict()
@@ -79,6 +84,11 @@ class TrainState:
         else:
             checkpoint.load_full(ckpt, self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for key, part in self.extras.items():
+            if key not in state:
+                why = f"{ckpt}/state.pt holds no {key!r} state, which this run needs to resume"
+                raise checkpoint.CheckpointError(why)
+            part.load_state_dict(state[key])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

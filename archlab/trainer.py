@@ -33,6 +33,7 @@ from archlab.config import Schedule, TrainerConfig, tokenizer_config
 from archlab.data import TokenSplit, build_split, n_val_windows, train_batch
 from archlab.errors import ConfigError, NonFiniteLossError
 from archlab.evaluation import Evaluation
+from archlab.incontext import wants_in_context
 from archlab.kernels import select_kernel
 from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
@@ -206,8 +207,8 @@ def soft_targets_for(
     """The shared teacher's cached targets for a run of ``world_size`` ranks (built once per sweep, by the
     process that takes the cache's lock first, with ``builders`` sharing its work: the ranks of a DDP run
     or of ``archlab teacher build`` under torchrun; other processes wait on the lock), or None without a
-    teacher."""
-    if cfg.teacher.plugin == "none":
+    teacher or with the in-context one (``archlab.incontext``)."""
+    if cfg.teacher.plugin == "none" or wants_in_context(cfg.teacher):
         return None
     teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
     cache_dir = Path(cfg.data.cache_dir).expanduser()
@@ -315,14 +316,14 @@ class Trainer:
             grad_clip=self.t.grad_clip,
             autocast=self.autocast,
         )
-        if cfg.distill.on_policy > 0:  # with probability λ a step learns on the student's own samples
-            self.update = OnPolicyStep(
-                self, objective_cfg, teacher_env(cfg, self.split, self.device, self.t.progress)
-            )
         self.step = 0
         self.state = TrainState(
             cfg, self.t, info.run_dir, self.model, self.optimizer, self.scheduler, self.ranks, lr_factor
         )
+        if cfg.distill.on_policy > 0:  # with probability λ a step learns on the student's own samples
+            self.update = OnPolicyStep(
+                self, objective_cfg, teacher_env(cfg, self.split, self.device, self.t.progress)
+            )
 
     def autocast(self):
         if self.compute_dtype == torch.float32:

@@ -104,3 +104,40 @@ def test_shapes_xformers_refuses_go_to_sdpa_once_logged(caplog) -> None:
     torch.testing.assert_close(first, sdpa_attention(q, k, v))
     torch.testing.assert_close(second, first)
     assert sum("using SDPA" in r.message for r in caplog.records) == 1
+
+
+def _bmhk_reference(query, key, value, attn_bias=None):
+    """Stands in for xformers' CUDA kernel on CPU: its documented 4-D (b, t, h, k) contract only,
+    with LowerTriangularMask aligned top-left and LowerTriangularFromBottomRightMask bottom-right."""
+    from xformers.ops.fmha.attn_bias import LowerTriangularFromBottomRightMask, LowerTriangularMask
+
+    assert query.ndim == key.ndim == value.ndim == 4, "the 4-D layout has backward operators"
+    assert query.shape[2] == key.shape[2], "one K/V head per query head"
+    t_q, t_k = query.shape[1], key.shape[1]
+    offset = {LowerTriangularMask: 0, LowerTriangularFromBottomRightMask: t_k - t_q}[type(attn_bias)]
+    q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool).tril(offset)
+    y = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    return y.transpose(1, 2).to(query.dtype)
+
+
+@pytest.mark.parametrize("kv_heads,t_q", [(4, 6), (2, 6), (1, 6), (2, 2), (1, 1)], ids=str)
+def test_xformers_layout_matches_the_equation(monkeypatch, kv_heads: int, t_q: int) -> None:
+    """Our rearrangement around xformers (GQA heads, cached queries) against plain attention, with the
+    kernel replaced by a reference of its 4-D contract (xformers has no CPU kernels)."""
+    pytest.importorskip("xformers.ops")
+    import xformers.ops
+
+    from archlab.kernels import xformers_attention
+
+    monkeypatch.setattr(xformers.ops, "memory_efficient_attention", _bmhk_reference)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, t_q, 8, requires_grad=True)
+    k, v = torch.randn(2, kv_heads, 6, 8), torch.randn(2, kv_heads, 6, 8)
+    full_q = torch.cat((torch.randn(2, 4, 6 - t_q, 8), q.detach()), dim=2)
+    expected = plain_causal_attention(full_q, k, v)[:, :, 6 - t_q :]
+    y = xformers_attention(q, k, v)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    y.sum().backward()  # the path trains: gradients reach the queries
+    assert q.grad is not None and q.grad.abs().sum() > 0

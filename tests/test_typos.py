@@ -34,6 +34,8 @@ def train_error(tmp_path: Path, capsys, *overrides: str) -> str:
         ("attentio=mla", "attentio: no key 'attentio' at the top level; did you mean 'attention'?"),
         ("+trainer.max_step=9", "trainer.max_step=9 is not allowed: expected a key of trainer; did you"),
         ("+attention.n_kv_head=1", "expected a key of the mha attention plugin; did you mean 'n_kv_heads'?"),
+        ("+seedd=1", "seedd=1 is not allowed: expected a top-level key of the config; did you mean 'seed'?"),
+        ("+trainr.lr=1", "expected a top-level key of the config; did you mean 'trainer'?"),
     ],
 )
 def test_a_typo_is_answered_with_the_nearest_name(override: str, said: str, tmp_path, capsys) -> None:

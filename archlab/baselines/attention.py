@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from archlab.context import ForwardContext, ModelDims
 from archlab.errors import ConfigError
+from archlab.hf_export import HFPart, linear_tensors, split_rows
 
 
 class MultiHeadAttention(nn.Module):
@@ -54,6 +55,17 @@ class MultiHeadAttention(nn.Module):
             k, v = ctx.cache.append(self, k, v)  # b g (cached + t) k
         y = ctx.attend(q, k, v)
         return self.out(rearrange(y, "b h t k -> b t (h k)"))
+
+    def hf_export(self) -> HFPart:
+        """Llama's attention (also Arcee's, and Mixtral's without bias): qkv split into q/k/v_proj."""
+        rows = {"q_proj": self.n_heads * self.head_dim, "k_proj": self.n_kv_heads * self.head_dim}
+        fused = linear_tensors(self.qkv, "qkv")
+        tensors = split_rows(fused, "qkv", {**rows, "v_proj": rows["k_proj"]})
+        tensors |= linear_tensors(self.out, "o_proj")
+        fields = {"num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim}
+        fields["attention_bias"] = "qkv.bias" in fused
+        types = ("llama", "arcee") if fields["attention_bias"] else ("llama", "arcee", "mixtral")
+        return HFPart({t: fields for t in types}, tensors, reads_position=True)
 
     def kv_cache_elems_per_token(self) -> int:
         """K and V for every KV head: 2 · n_kv_heads · head_dim."""

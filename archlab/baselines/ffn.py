@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from archlab.context import ForwardContext, ModelDims
 from archlab.errors import ConfigError
+from archlab.hf_export import HFPart, linear_tensors, split_rows
 
 
 class Activation(Enum):
@@ -48,6 +49,7 @@ class MLP(nn.Module):
         mult = 8 / 3 if self.gated else 4.0
         hidden = cfg.hidden_dim or hidden_width(dims.d_model, mult, cfg.multiple_of)
         d = dims.d_model
+        self.hidden, self.n_layers = hidden, dims.n_layers
         self.up = linear(d, hidden * (2 if self.gated else 1), bias=cfg.bias, role="ffn.up")
         self.down = linear(hidden, d, bias=cfg.bias, role="ffn.down")
 
@@ -57,3 +59,22 @@ class MLP(nn.Module):
             gate, up = self.up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x)))
+
+    def hf_export(self) -> HFPart:
+        """SwiGLU: Llama's MLP (and DeepSeek-V3's dense layers, which have no bias) with ``up`` split into
+        gate_proj and up_proj; GELU (exact, erf): Arcee's ungated MLP with hidden_act=gelu."""
+        f, down = self.hidden, linear_tensors(self.down, "down_proj")
+        fields = {"intermediate_size": f, "mlp_bias": "down_proj.bias" in down}
+        if not self.gated:
+            return HFPart(
+                {"arcee": fields | {"hidden_act": "gelu"}}, linear_tensors(self.up, "up_proj") | down
+            )
+        tensors = split_rows(linear_tensors(self.up, "up"), "up", {"gate_proj": f, "up_proj": f}) | down
+        config = {"llama": fields | {"hidden_act": "silu"}}
+        if not fields["mlp_bias"]:  # every layer dense
+            config["deepseek_v3"] = {
+                "intermediate_size": f,
+                "hidden_act": "silu",
+                "first_k_dense_replace": self.n_layers,
+            }
+        return HFPart(config, tensors)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archlab.context import ForwardContext, ModelDims
+from archlab.hf_export import ANY, HFPart, linear_tensors
 
 
 class LMHead(nn.Module):
@@ -32,3 +33,8 @@ class LMHead(nn.Module):
         if self.tied:
             return F.linear(h, self._embedding[0].weight)
         return self.proj(h)
+
+    def hf_export(self) -> HFPart:
+        """``lm_head`` of any transformers causal LM; tied: ``tie_word_embeddings`` and no tensor."""
+        tensors = {} if self.tied else linear_tensors(self.proj, "lm_head")
+        return HFPart({ANY: {"tie_word_embeddings": self.tied}}, tensors)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archlab.hf_export import ANY, HFPart
+
 
 class DenseLinear(nn.Linear):
     """A full-precision linear layer initialised N(0, init_std²), bias zero."""
@@ -35,3 +37,8 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def hf_export(self) -> HFPart:
+        """An ``nn.Linear`` of any transformers model: its weight (and bias) as they are."""
+        tensors = {"weight": self.weight} | ({"bias": self.bias} if self.bias is not None else {})
+        return HFPart({ANY: {}}, tensors)

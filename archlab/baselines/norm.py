@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archlab.hf_export import ANY, HFPart
+
 
 class RMSNorm(nn.Module):
     """The ``rmsnorm`` norm: y = x / sqrt(mean(x²) + eps) · g, with a learnable gain g (init 1)."""
@@ -27,6 +29,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # bf16 autocast: one dtype
+
+    def hf_export(self) -> HFPart:
+        """transformers' RMSNorm (x · rsqrt(mean(x²) + rms_norm_eps) · weight) in every model type."""
+        return HFPart({ANY: {"rms_norm_eps": self.eps}}, {"weight": self.weight})
 
 
 class LayerNorm(nn.Module):

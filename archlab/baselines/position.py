@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from archlab.context import ModelDims
+from archlab.hf_export import ANY, HFPart
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -44,12 +45,17 @@ class RoPE(nn.Module):
 
     def __init__(self, cfg: Config, dims: ModelDims) -> None:
         super().__init__()
+        self.theta = cfg.theta
         cos, sin = rope_tables(dims.head_dim, dims.context, cfg.theta)
         self.register_buffer("cos", cos, persistent=False)  # t k
         self.register_buffer("sin", sin, persistent=False)  # t k
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         return apply_rotary(x, self.cos[positions], self.sin[positions])
+
+    def hf_export(self) -> HFPart:
+        """transformers' default RoPE: rotate-half, inv_freq = θ^(−2i/k) over the head dim."""
+        return HFPart({ANY: {"rope_parameters": {"rope_type": "default", "rope_theta": self.theta}}})
 
 
 class NoPosition(nn.Module):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from archlab.context import ModelDims
+from archlab.hf_export import ANY, HFPart
 
 
 class PreNorm(nn.Module):
@@ -39,3 +40,7 @@ class PreNorm(nn.Module):
 
     def final(self, h: Tensor) -> Tensor:
         return h
+
+    def hf_export(self) -> HFPart:
+        """The sequential pre-norm stream every transformers decoder layer has; no tensors."""
+        return HFPart({ANY: {}})

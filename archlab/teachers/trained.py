@@ -8,8 +8,11 @@ resumes from its last checkpoint. ``archlab teacher build`` runs this step on it
 
 ``self``: self-distillation (Furlanello et al. 2018, "Born-Again Neural Networks",
 arXiv 1805.04770): the teacher is a frozen earlier checkpoint of an archlab run, usually
-of the same student architecture. Departure: no EMA teacher (yet); point ``checkpoint``
-at a run or checkpoint directory.
+of the same student architecture; point ``checkpoint`` at a run or checkpoint directory.
+With ``distill.on_policy=1`` its other options make it the in-context teacher of SDFT/OPSD
+(``archlab.incontext``): the student's own weights (``checkpoint`` empty: the student at step 0),
+frozen or an EMA (``update``, ``ema_decay``), given a privileged context (``context``,
+``context_len``, ``context_paths``). With their defaults it is the teacher above, unchanged.
 """
 
 from __future__ import annotations
@@ -103,6 +106,13 @@ class SelfTeacher:
     @dataclass
     class Config:
         checkpoint: str = ""  # a run dir, its checkpoints/ dir, or one checkpoint dir
+        # the in-context teacher (archlab.incontext; distill.on_policy=1 only): how its weights move,
+        update: str = "frozen"  # frozen | ema: θ_T ← d·θ_T + (1 − d)·θ_S after each optimizer step
+        ema_decay: float = 0.99  # d in [0, 1); 0: the student's current weights (OPSD)
+        # and the privileged context it reads before the prompt: none | same_doc | corpus
+        context: str = "none"
+        context_len: int = 64  # tokens of privileged context
+        context_paths: list[str] = field(default_factory=list)  # context=corpus: files, folders or globs
 
     def __init__(self, cfg: Config, env: TeacherEnv) -> None:
         if not cfg.checkpoint:

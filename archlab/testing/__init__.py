@@ -24,6 +24,8 @@ _EXPORTS = {
     "Case": "archlab.testing.checks",
     "CHECKS": "archlab.testing.checks",
     "TINY": "archlab.testing.checks",
+    "hf_round_trip": "archlab.testing.hf",
+    "scrambled": "archlab.testing.hf",
 }
 __all__ = sorted(_EXPORTS)
 

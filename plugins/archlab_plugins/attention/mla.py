@@ -30,6 +30,8 @@ Departures:
   is ResFormer's V'_n = λ_1 V_n + λ_2 V_1 with V_1 seen through layer n's W_UV; it needs no extra cache (layer
   1's latent is cached anyway) and absorbed decoding keeps working (it attends over c_kv, sums c_v).
 Reference: deepseek-ai/DeepSeek-V3 inference/model.py ``MLA`` @1ea5a1a (naive and absorb paths).
+Export: ``hf_export`` maps it onto transformers' ``DeepseekV3Attention`` (rope_interleave=False); checked
+in plugins/tests/test_hf_export_plugins.py by loading the export and comparing logits.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ from torch import Tensor, nn
 from archlab.api import (
     ConfigError,
     ForwardContext,
+    HFPart,
     ModelDims,
     RMSNorm,
     apply_rotary,
     causal_mask,
+    linear_tensors,
     rope_tables,
 )
 
@@ -180,6 +184,32 @@ class MultiHeadLatentAttention(nn.Module):
         a = (scores.float() * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1)
         o_c = torch.einsum("bhts,bsc->bhtc", a.to(c_v.dtype), c_v)  # attention-weighted latent
         return torch.einsum("bhtc,hvc->bhtv", o_c, w_uv.to(o_c.dtype))
+
+    def hf_export(self) -> HFPart:
+        """transformers' DeepseekV3Attention with rope_interleave=False (archlab rotates halves): W_UK and
+        W_UV interleaved per head into kv_b_proj ([k_nope_i; v_i] for each head i); latent norms eps 1e-6."""
+        if self.q_lora_rank == 0:
+            tensors = linear_tensors(self.q, "q_proj")
+        else:
+            tensors = linear_tensors(self.q_down, "q_a_proj") | linear_tensors(self.q_up, "q_b_proj")
+            tensors["q_a_layernorm.weight"] = self.q_norm.weight
+        tensors |= linear_tensors(self.kv_down, "kv_a_proj_with_mqa") | linear_tensors(self.out, "o_proj")
+        tensors["kv_a_layernorm.weight"] = self.kv_norm.weight
+        k_up = rearrange(linear_tensors(self.k_up, "k")["k.weight"], "(h n) c -> h n c", h=self.n_heads)
+        v_up = rearrange(linear_tensors(self.v_up, "v")["v.weight"], "(h v) c -> h v c", h=self.n_heads)
+        tensors["kv_b_proj.weight"] = rearrange(torch.cat((k_up, v_up), dim=1), "h nv c -> (h nv) c")
+        fields = {
+            "num_key_value_heads": self.n_heads,
+            "kv_lora_rank": self.kv_lora_rank,
+            "q_lora_rank": self.q_lora_rank or None,
+            "qk_nope_head_dim": self.nope_dim,
+            "qk_rope_head_dim": self.rope_dim,
+            "v_head_dim": self.v_dim,
+            "rope_interleave": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "attention_bias": False,
+        }
+        return HFPart({"deepseek_v3": fields}, tensors)
 
     def kv_cache_elems_per_token(self) -> int:
         """The latent and the shared rope key: kv_lora_rank + qk_rope_head_dim (no factor h)."""

@@ -33,7 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.api import ConfigError, ForwardContext, ModelDims, get_plugin, installed_plugins
+from archlab.api import (
+    ConfigError,
+    ForwardContext,
+    HFPart,
+    ModelDims,
+    NotExportable,
+    get_plugin,
+    installed_plugins,
+    linear_tensors,
+    part_of,
+    split_rows,
+)
 
 
 def expert_width(cfg, d_model: int) -> int:
@@ -136,6 +147,7 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         d, f, e = dims.d_model, expert_width(cfg, dims.d_model), cfg.n_experts
         self.n_experts, self.expert_dim, self.n_layers = e, f, dims.n_layers
+        self.n_shared_experts = cfg.n_shared_experts
         self.use_grouped_mm = cfg.grouped_mm
         router_cls = get_plugin("router", cfg.router)
         router_cfg = router_config(router_cls, cfg)
@@ -218,6 +230,35 @@ class MixtureOfExperts(nn.Module):
         for name, value in values.items():
             ctx.add_metric(f"moe/{name}", value)
             ctx.add_metric(f"moe/layer{ctx.layer}/{name}", value)
+
+    def hf_export(self) -> HFPart:
+        """DeepseekV3MoE (shared experts; router aux_free) or Mixtral's sparse block (no shared experts;
+        router softmax_topk): routed experts as ``experts.gate_up_proj`` (e, 2f, d) = w_gate_upᵀ and
+        ``experts.down_proj`` (e, d, f) = w_downᵀ; the router's part names its own tensors (``gate.*``)."""
+        router = part_of("router", self.router)
+        d, f, e = self.w_down.shape[-1], self.expert_dim, self.n_experts
+        tensors = {"experts.gate_up_proj": self.w_gate_up.transpose(1, 2), **router.tensors}
+        tensors["experts.down_proj"] = self.w_down.transpose(1, 2)
+        n_shared = self.n_shared_experts
+        if n_shared:
+            shared = linear_tensors(self.shared_up, "up") | linear_tensors(self.shared_down, "down_proj")
+            split = {"gate_proj": n_shared * f, "up_proj": n_shared * f}
+            tensors |= {f"shared_experts.{k}": v for k, v in split_rows(shared, "up", split).items()}
+            tensors["shared_experts.down_proj.weight"] = shared["down_proj.weight"]
+        deepseek = {"n_routed_experts": e, "moe_intermediate_size": f, "n_shared_experts": n_shared}
+        config = {"deepseek_v3": deepseek | {"first_k_dense_replace": 0, "hidden_act": "silu"}}
+        if not n_shared:
+            config["mixtral"] = {"num_local_experts": e, "intermediate_size": f, "hidden_act": "silu"}
+        fits = {t: fields | router.config[t] for t, fields in config.items() if t in router.config}
+        if not fits:
+            why = (
+                f"its block is {', '.join(router.config)}'s; this layer (n_shared_experts={n_shared}) maps to"
+            )
+            raise NotExportable("router", self.router, f"{why} {', '.join(config)}")
+        if "deepseek_v3" in fits and not n_shared:  # V3 always builds the shared MLP: width 0 adds exactly 0
+            for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                tensors[f"shared_experts.{name}.weight"] = torch.zeros(shape)
+        return HFPart(fits, tensors)
 
     def num_active_params(self) -> int:
         """Parameters one token touches: router + shared experts + experts_per_token routed experts."""

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archlab.api import HFPart, NotExportable, linear_tensors
+
 
 @dataclass
 class Routing:
@@ -108,6 +110,14 @@ class TokenChoice(nn.Module):
     def experts_per_token(cfg) -> float:
         return cfg.top_k
 
+    def hf_part(self, model_type: str, fields: dict, tensors: dict) -> HFPart:
+        """The part of a token-choice router in ``model_type``'s MoE block (tensors relative to the block);
+        capacity dropping has no transformers counterpart."""
+        if self.cfg.capacity_factor is not None:
+            why = f"capacity dropping (capacity_factor={self.cfg.capacity_factor}) is not in {model_type}"
+            raise NotExportable("router", self, why)
+        return HFPart({model_type: fields}, linear_tensors(self.gate, "gate") | tensors)
+
     def assign(self, idx_btk: Tensor, gate_btk: Tensor, probs_bte: Tensor, losses: dict) -> Routing:
         """Drop over capacity, then flatten to (token, expert, gate)."""
         b, t, k = idx_btk.shape
@@ -143,6 +153,15 @@ class SoftmaxTopK(TokenChoice):
         if self.cfg.z_loss_weight > 0:
             losses["router_z"] = (router_z_loss(logits), self.cfg.z_loss_weight)
         return self.assign(idx, gates, probs, losses)
+
+    def hf_export(self) -> HFPart:
+        """Mixtral's router: softmax, top-k, gates renormalised, no scale."""
+        if not self.cfg.renormalize or self.cfg.route_scale != 1:
+            why = (
+                f"renormalize={self.cfg.renormalize}, route_scale={self.cfg.route_scale}: Mixtral has True, 1"
+            )
+            raise NotExportable("router", self, why)
+        return self.hf_part("mixtral", {"num_experts_per_tok": self.cfg.top_k}, {})
 
 
 class AuxLossFree(TokenChoice):
@@ -181,6 +200,13 @@ class AuxLossFree(TokenChoice):
             seq = (f * s_norm.mean(1)).sum(-1).mean()
             losses["seq_balance"] = (seq, self.cfg.seq_aux_loss_weight)
         return self.assign(idx, gates, s_norm, losses)
+
+    def hf_export(self) -> HFPart:
+        """DeepseekV3TopkRouter with one group (n_group = topk_group = 1): its e_score_correction_bias is the
+        selection bias b."""
+        fields = {"num_experts_per_tok": self.cfg.top_k, "norm_topk_prob": self.cfg.renormalize}
+        fields |= {"routed_scaling_factor": self.cfg.route_scale, "n_group": 1, "topk_group": 1}
+        return self.hf_part("deepseek_v3", fields, {"gate.e_score_correction_bias": self.expert_bias})
 
     @torch.no_grad()
     def on_step_end(self) -> None:
