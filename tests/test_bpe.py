@@ -157,3 +157,25 @@ def test_teachers_that_cannot_share_a_bpe_refuse_it() -> None:
     ):
         NGramTeacher(NGramTeacher.Config(), env)
     assert isinstance(tokenizer_for(compose([])), ByteTokenizer)
+
+
+def test_export_hf_carries_the_bpe_as_itself(tmp_path) -> None:
+    """``archlab export --hf`` of a tokenizer=bpe student: AutoTokenizer loads the same BPE (same ids both
+    ways) and the config's EOS is <|endoftext|>."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from archlab.hf_dir import write_dir
+    from archlab.model import build_student
+
+    tok = BPERecipe(BPETokenizerConfig(vocab_size=300)).fit([t.encode() for t in TEXTS], "d", 3, tmp_path)
+    torch.manual_seed(0)
+    small = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.context=32"]
+    student = build_student(compose([*small, f"model.vocab_size={tok.vocab_size}"]))
+    write_dir(student, tok, tmp_path / "hf", force=False)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = "def add(a, b): Grüße 日本 🙂 return a + b"
+    ids = hf(text, add_special_tokens=False)["input_ids"]
+    assert ids == tok.encode(text) and hf.decode(ids) == text and len(hf) == tok.vocab_size
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == tok.eod == hf.eos_token_id and config["vocab_size"] == tok.vocab_size
