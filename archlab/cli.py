@@ -278,7 +278,7 @@ def generate(args: list[str]) -> int:
 
     from archlab import checkpoint, export
     from archlab.generate import generate as run_generation
-    from archlab.trainer import resolve_device, tokenizer_for
+    from archlab.trainer import resolve_device, run_tokenizer
 
     device = resolve_device(opts.device, key="--device")
     if opts.checkpoint.endswith(".safetensors"):  # a file from `archlab export --packed`
@@ -286,7 +286,7 @@ def generate(args: list[str]) -> int:
     else:
         ckpt = checkpoint.find(opts.checkpoint, key="CHECKPOINT")
         model, cfg = checkpoint.load_student(ckpt, device), checkpoint.saved_config(ckpt)
-    tokenizer = tokenizer_for(cfg)
+    tokenizer = run_tokenizer(cfg)
     prompt = torch.tensor([tokenizer.encode(opts.prompt)], device=device)
     if prompt.shape[1] == 0:
         raise ConfigError("--prompt", opts.prompt, "text that encodes to at least one token")

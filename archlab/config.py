@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from archlab import registry, slots, typos
+from archlab.bpe import BPETokenizerConfig
 from archlab.distill_checks import sample_tokens, validate_in_context, validate_on_policy
 from archlab.errors import ConfigError
 from archlab.kernels import check_backend
@@ -116,6 +117,13 @@ class DataConfig:
 
 
 @dataclass
+class BytesTokenizerConfig:
+    """``tokenizer=bytes`` (the default): UTF-8 bytes are the tokens (``archlab.tokenizer``)."""
+
+    kind: str = "bytes"
+
+
+@dataclass
 class DistillConfig:
     top_k: int = 32  # teacher ids and log-probs cached per token; the tail is one "rest" bucket
     build_batch_size: int = 16  # windows per teacher forward while building the soft-target cache
@@ -211,6 +219,8 @@ def register_configs() -> None:
     cs.store(group="trainer", name="_schema", node=TrainerConfig, provider="archlab")
     cs.store(group="data", name="default", node=DataConfig, provider="archlab")
     cs.store(group="distill", name="default", node=DistillConfig, provider="archlab")
+    cs.store(group="tokenizer", name="bytes", node=BytesTokenizerConfig, provider="archlab")
+    cs.store(group="tokenizer", name="bpe", node=BPETokenizerConfig, provider="archlab")
     cs.store(group="density", name="default", node=DensityConfig, provider="archlab")
     cs.store(group="teacher", name="none", node=NoTeacher, provider="archlab")
     cs.store(group="logger", name="wandb", node=LoggerConfig, provider="archlab")
@@ -235,6 +245,7 @@ def validate(cfg: DictConfig) -> None:
     OmegaConf.to_object(cfg.trainer).validate()
     OmegaConf.to_object(cfg.distill).validate()
     OmegaConf.to_object(cfg.density).validate()
+    tokenizer_config(cfg)
     objective, objective_cfg = registry.configured("objective", cfg.objective)
     if offers(objective_cfg, ValidatesConfig):
         objective_cfg.validate(dims)
@@ -252,6 +263,19 @@ def validate(cfg: DictConfig) -> None:
         validate_on_policy(cfg, dims, objective)
     if cfg.teacher.plugin != "none":
         validate_in_context(cfg, dims, sample_tokens(cfg))  # teacher=self's in-context options
+
+
+def tokenizer_config(cfg: DictConfig) -> BytesTokenizerConfig | BPETokenizerConfig:
+    """The run's ``tokenizer`` section, checked; bytes for a config saved before it existed."""
+    node = cfg.get("tokenizer")
+    kinds = {"bytes": BytesTokenizerConfig, "bpe": BPETokenizerConfig}
+    kind = "bytes" if node is None else node.get("kind")
+    if kind not in kinds:
+        raise ConfigError("tokenizer.kind", kind, "bytes or bpe (tokenizer=bytes or tokenizer=bpe)")
+    spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kinds[kind]), node or {}))
+    if isinstance(spec, BPETokenizerConfig):
+        spec.validate()
+    return spec
 
 
 def _refuse_unread_keys(cfg: DictConfig) -> None:

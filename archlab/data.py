@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from archlab.cachedir import Corrupt, build_once, check_file, make_tmp, publish, read_meta
 from archlab.errors import ConfigError, CorpusError
-from archlab.tokenizer import ByteTokenizer, Tokenizer, token_dtype
+from archlab.tokenizer import ByteTokenizer, Tokenizer, TokenizerRecipe, token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,56 @@ def _problem(path: Path, dtype: str) -> str | None:
     return None
 
 
-def _write(path: Path, tokens: dict[str, np.ndarray], meta: dict) -> None:
+#: Documents tokenised at once while a cache is written: bounds the memory of a build, not its result.
+BUILD_CHUNK_BYTES = 1 << 26
+
+
+def _selected(corpus, val_fraction: float, max_bytes: int | None) -> Iterator[tuple[str, bytes, bool]]:
+    """``(id, data, is_val)`` of the documents the split takes, in the corpus's order; a pure function
+    of the corpus, so each pass over it (key, tokenizer training, tokenising) sees the same documents."""
+    budget = {True: math.inf, False: math.inf}  # bytes still allowed into val (True) / train (False)
+    if max_bytes is not None:
+        budget = {True: val_fraction * max_bytes, False: (1 - val_fraction) * max_bytes}
+    for doc_id, data in corpus.documents():
+        is_val = _is_val(doc_id, val_fraction)
+        if budget[is_val] <= 0:
+            if max(budget.values()) <= 0:
+                break
+            continue
+        budget[is_val] -= len(data) + 1
+        yield doc_id, data, is_val
+
+
+def _write(
+    path: Path, documents: Iterator[tuple[str, bytes, bool]], tokenizer: Tokenizer, meta: dict
+) -> None:
+    """Tokenise ``documents`` into ``train.bin`` and ``val.bin`` a chunk at a time, then publish."""
     tmp = make_tmp(path)
-    meta["files"] = {}
-    for split, array in tokens.items():
-        data = array.astype(meta["dtype"]).tobytes()
-        (tmp / f"{split}.bin").write_bytes(data)
-        meta["files"][f"{split}.bin"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    names = {False: "train.bin", True: "val.bin"}
+    digests = {split: hashlib.sha256() for split in names}
+    sizes = dict.fromkeys(names, 0)
+    pending: dict[bool, list[bytes]] = {False: [], True: []}
+    pending_bytes = dict.fromkeys(names, 0)
+    with open(tmp / names[False], "wb") as train_file, open(tmp / names[True], "wb") as val_file:
+        files = {False: train_file, True: val_file}
+
+        def flush(split: bool) -> None:
+            data = tokenizer.encode_documents(pending[split]).astype(meta["dtype"]).tobytes()
+            files[split].write(data)
+            digests[split].update(data)
+            sizes[split] += len(data)
+            pending[split], pending_bytes[split] = [], 0
+
+        for _, data, is_val in documents:
+            pending[is_val].append(data)
+            pending_bytes[is_val] += len(data)
+            if pending_bytes[is_val] >= BUILD_CHUNK_BYTES:
+                flush(is_val)
+        for split in names:
+            flush(split)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    meta["train_tokens"], meta["val_tokens"] = sizes[False] // itemsize, sizes[True] // itemsize
+    meta["files"] = {names[s]: {"size": sizes[s], "sha256": digests[s].hexdigest()} for s in names}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     publish(tmp, path)
 
@@ -134,56 +178,55 @@ def build_split(
     val_fraction: float,
     max_bytes: int | None,
     cache_dir: str | Path,
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | TokenizerRecipe | None = None,
 ) -> TokenSplit:
-    """Read ``corpus``, split it by document, tokenise and cache; reuse the cache when it exists."""
+    """Read ``corpus``, split it by document, tokenise and cache; reuse the cache when it exists.
+
+    The corpus is read once to key the cache, and again (document by document, never all held in
+    memory) to learn a ``TokenizerRecipe``'s tokenizer on the train split and to tokenise.
+    """
     tokenizer = tokenizer or ByteTokenizer()
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("data.val_fraction", val_fraction, "a fraction strictly between 0 and 1")
     if max_bytes is not None and max_bytes < 1:
         raise ConfigError("data.max_bytes", max_bytes, "a positive number of bytes or null")
-    key = hashlib.sha256(f"v2 {val_fraction} {max_bytes} {tokenizer.name}".encode())
-    budget = {True: math.inf, False: math.inf}  # bytes still allowed into val (True) / train (False)
-    if max_bytes is not None:
-        budget = {True: val_fraction * max_bytes, False: (1 - val_fraction) * max_bytes}
-    train, val, n_docs, n_val_docs = [], [], 0, 0
-    for doc_id, data in corpus.documents():
-        is_val = _is_val(doc_id, val_fraction)
-        if budget[is_val] <= 0:
-            if max(budget.values()) <= 0:
-                break
-            continue
-        key.update(doc_id.encode() + b"\x00" + hashlib.sha256(data).digest())
-        (val if is_val else train).append(data)
-        budget[is_val] -= len(data) + 1
-        n_docs, n_val_docs = n_docs + 1, n_val_docs + is_val
+    records = bytearray()  # id and content hash of every document taken, in order: the key's material
+    train_content = hashlib.sha256()
+    n_docs = n_val_docs = n_bytes = 0
+    for doc_id, data, is_val in _selected(corpus, val_fraction, max_bytes):
+        digest = hashlib.sha256(data).digest()
+        records += doc_id.encode() + b"\x00" + digest
+        if not is_val:
+            train_content.update(digest)
+        n_docs, n_val_docs, n_bytes = n_docs + 1, n_val_docs + is_val, n_bytes + len(data)
     if n_docs == 0:
         raise CorpusError(f"corpus {corpus.describe()} holds no text documents")
-    if not val or not train:
+    if n_val_docs in (0, n_docs):
         raise CorpusError(
             f"corpus {corpus.describe()} has {n_docs} documents, too few for a "
             f"document-level split with data.val_fraction={val_fraction}: "
-            f"{len(train)} train / {len(val)} val; add documents or change data.val_fraction"
+            f"{n_docs - n_val_docs} train / {n_val_docs} val; add documents or change data.val_fraction"
         )
+    if isinstance(tokenizer, TokenizerRecipe):
+        train_docs = (data for _, data, is_val in _selected(corpus, val_fraction, max_bytes) if not is_val)
+        tokenizer = tokenizer.fit(train_docs, train_content.hexdigest(), n_docs - n_val_docs, cache_dir)
+    key = hashlib.sha256(f"v2 {val_fraction} {max_bytes} {tokenizer.name}".encode() + bytes(records))
     path = Path(cache_dir).expanduser() / "corpus" / key.hexdigest()[:20]
     dtype = str(token_dtype(tokenizer.vocab_size))
 
     def build() -> None:
         log.info("tokenising the corpus (%s) into %s", tokenizer.name, path)
-        tokens = {"train": tokenizer.encode_documents(train), "val": tokenizer.encode_documents(val)}
         meta = {
             "source": corpus.describe(),
             "tokenizer": tokenizer.name,
             "dtype": dtype,
             "documents": n_docs,
             "val_documents": n_val_docs,
-            "bytes": sum(map(len, train)) + sum(map(len, val)),
-            "train_tokens": len(tokens["train"]),
-            "val_tokens": len(tokens["val"]),
+            "bytes": n_bytes,
             "val_fraction": val_fraction,
             "path": str(path),
         }
-        _write(path, tokens, meta)
+        _write(path, _selected(corpus, val_fraction, max_bytes), tokenizer, meta)
 
     return build_once(
         path,

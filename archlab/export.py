@@ -151,9 +151,9 @@ def main(args: list[str]) -> int:
 def export_hf(ckpt: Path, out: Path, *, force: bool) -> int:
     """``--hf DIR``: the checkpoint's student and its run's tokenizer as a transformers model directory."""
     from archlab import checkpoint, hf_dir
-    from archlab.trainer import tokenizer_for
+    from archlab.trainer import run_tokenizer
 
     model = checkpoint.load_student(ckpt, torch.device("cpu"))
-    report = hf_dir.write_dir(model, tokenizer_for(checkpoint.saved_config(ckpt)), out, force=force)
+    report = hf_dir.write_dir(model, run_tokenizer(checkpoint.saved_config(ckpt)), out, force=force)
     print(hf_dir.format_report(report))
     return 0

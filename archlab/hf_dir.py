@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from archlab import durable
+from archlab.bpe import EOD_TOKEN, BPETokenizer
 from archlab.errors import ArchlabError, ConfigError
 from archlab.hf_export import assemble
 from archlab.tokenizer import EOD, ByteTokenizer
@@ -68,9 +69,17 @@ def hf_tokenizer(tokenizer) -> tuple[Any, dict[str, int | None]]:
     """The transformers tokenizer of the run's tokenizer and the special ids its config carries."""
     if isinstance(tokenizer, ByteTokenizer):
         return byte_tokenizer(), {"eos_token_id": EOD[0], "bos_token_id": None, "pad_token_id": None}
+    if isinstance(tokenizer, BPETokenizer):  # tokenizer=bpe: its tokenizer.json, as itself
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.tok, eos_token=EOD_TOKEN, clean_up_tokenization_spaces=False
+        )
+        return tok, {"eos_token_id": tokenizer.eod, "bos_token_id": None, "pad_token_id": None}
     tok = getattr(tokenizer, "tok", None)  # a teacher's transformers tokenizer (teacher=hf)
     if tok is None or not hasattr(tok, "save_pretrained"):
-        raise ConfigError("tokenizer", tokenizer.name, "bytes or a transformers tokenizer (teacher=hf)")
+        allowed = "bytes, bpe or a transformers tokenizer (teacher=hf)"
+        raise ConfigError("tokenizer", tokenizer.name, allowed)
     ids = {key: getattr(tok, key) for key in ("eos_token_id", "bos_token_id", "pad_token_id")}
     return tok, ids
 

@@ -113,7 +113,7 @@ def sample_corpus(
     Prompts are prefixes of the checkpoint's training windows, or of another corpus's
     (``corpus_overrides``, ``archlab.config.with_corpus``)."""
     from archlab.data import train_batch
-    from archlab.trainer import load_split, tokenizer_for
+    from archlab.trainer import load_split
 
     out = Path(out).expanduser().absolute()
     if out.exists():
@@ -128,7 +128,7 @@ def sample_corpus(
     x, _ = train_batch(split.train, context=context, seed=s.seed, first=0, count=s.prompts)
     model = checkpoint.load_student(ckpt, device)
     n_new = s.max_new_tokens or context - s.prompt_len
-    docs = sample_documents(model, x[:, : s.prompt_len].to(device), n_new, s, tokenizer_for(cfg))
+    docs = sample_documents(model, x[:, : s.prompt_len].to(device), n_new, s, split.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

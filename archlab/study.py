@@ -518,7 +518,7 @@ def _with_teacher(teacher: str | None, overrides: list[str]) -> list[str]:
     """The overrides with ``--teacher``'s ``teacher=NAME`` first; refused beside a ``teacher=`` override."""
     if teacher is None:
         return overrides
-    if any(_key(o) == "teacher" for o in overrides):
+    if any(override_key(o) == "teacher" for o in overrides):
         raise ConfigError("--teacher", teacher, "either --teacher or a teacher= override, not both")
     return [f"teacher={teacher}", *overrides]
 

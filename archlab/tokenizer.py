@@ -6,12 +6,15 @@ end-of-document token), ``encode(text)``/``decode(ids)`` for prompts and generat
 and ``count_bytes(ids) -> int`` (the UTF-8 bytes a run of
 target tokens stands for, so bits-per-byte stays comparable across tokenizers). A
 teacher plugin with its own vocabulary offers one through ``tokenizer(cfg)`` (see
-``archlab.teacher``); the corpus is then tokenised with it.
+``archlab.teacher``); the corpus is then tokenised with it. ``tokenizer=bpe`` learns one
+on the training split (a ``TokenizerRecipe``, ``archlab.bpe``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +32,19 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+@runtime_checkable
+class TokenizerRecipe(Protocol):
+    """A tokenizer still to be learnt from the training split (``tokenizer=bpe``, ``archlab.bpe``).
+
+    ``fit`` receives the train split's documents (an iterable, read once), ``digest`` (a hash of their
+    content, to key a cache of the result) and their number, and returns the learnt ``Tokenizer``.
+    """
+
+    name: str
+
+    def fit(self, train_docs: Iterable[bytes], digest: str, n_docs: int, cache_dir: Path) -> Tokenizer: ...
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -27,8 +27,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from archlab import checkpoint, distributed, plots, registry
-from archlab.config import Schedule, TrainerConfig
+from archlab import bpe, checkpoint, distributed, plots, registry
+from archlab.bpe import BPETokenizerConfig
+from archlab.config import Schedule, TrainerConfig, tokenizer_config
 from archlab.data import TokenSplit, build_split, n_val_windows, train_batch
 from archlab.distill_checks import wants_in_context
 from archlab.errors import ConfigError, NonFiniteLossError
@@ -42,7 +43,7 @@ from archlab.slots import BringsTokenizer, offers
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
-from archlab.tokenizer import ByteTokenizer, Tokenizer
+from archlab.tokenizer import ByteTokenizer, Tokenizer, TokenizerRecipe
 from archlab.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -121,40 +122,60 @@ def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
-def tokenizer_for(cfg: DictConfig) -> Tokenizer:
-    """Bytes, unless the configured teacher brings its own tokenizer (``tokenizer(cfg)``)."""
+def tokenizer_for(cfg: DictConfig) -> Tokenizer | TokenizerRecipe:
+    """The ``tokenizer`` section's: bytes, or a BPE (its recipe until trained, archlab.bpe); a teacher
+    that brings its own tokenizer (``tokenizer(cfg)``) imposes it, with ``tokenizer=bytes`` only."""
+    spec = tokenizer_config(cfg)
     if cfg.teacher.plugin != "none":
         teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
         if offers(teacher_cls, BringsTokenizer):
+            if spec.kind != ByteTokenizer.name:
+                allowed = (
+                    f"bytes (the default) with teacher={cfg.teacher.plugin}: the student takes its tokenizer"
+                )
+                raise ConfigError("tokenizer", spec.kind, allowed)
             return teacher_cls.tokenizer(teacher_cfg)
-    return ByteTokenizer()
+    return bpe.from_config(spec) if isinstance(spec, BPETokenizerConfig) else ByteTokenizer()
+
+
+def run_tokenizer(cfg: DictConfig) -> Tokenizer:
+    """The tokenizer a trained run's saved config names (``tokenizer.path`` for a learnt BPE)."""
+    tokenizer = tokenizer_for(cfg)
+    if isinstance(tokenizer, TokenizerRecipe):
+        raise ConfigError("tokenizer.path", None, "the tokenizer.json the run learnt (its config records it)")
+    return tokenizer
 
 
 def load_split(cfg: DictConfig) -> TokenSplit:
-    """The run's corpus, tokenised, split and cached as the ``corpus`` and ``data`` configs say.
+    """The run's corpus, tokenised, split and cached as its ``corpus``, ``tokenizer`` and ``data`` say.
 
-    Tokens are bytes unless the teacher brings a tokenizer; then the student's
-    ``model.vocab_size`` becomes the teacher's vocabulary.
+    Tokens are bytes unless ``tokenizer=bpe`` or the teacher brings a tokenizer; then the student's
+    ``model.vocab_size`` becomes that tokenizer's vocabulary, and a BPE learnt here is recorded as
+    ``tokenizer.path`` so that the run's saved config finds it (generate, sample-corpus, export).
     """
     corpus_cls, corpus_cfg = registry.configured("corpus", cfg.corpus)
     tokenizer = tokenizer_for(cfg)
-    if tokenizer.name != ByteTokenizer.name and cfg.model.vocab_size != tokenizer.vocab_size:
-        log.info(
-            "model.vocab_size set to %d, teacher=%s's vocabulary", tokenizer.vocab_size, cfg.teacher.plugin
-        )
-        with open_dict(cfg):
-            cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        allowed = f"at least the vocabulary of the {tokenizer.name} tokenizer ({tokenizer.vocab_size})"
+    if tokenizer.name == ByteTokenizer.name and cfg.model.vocab_size < ByteTokenizer.vocab_size:
+        allowed = f"at least the vocabulary of the bytes tokenizer ({ByteTokenizer.vocab_size})"
         raise ConfigError("model.vocab_size", cfg.model.vocab_size, allowed)
     d = cfg.data
-    return build_split(
+    split = build_split(
         corpus_cls(corpus_cfg),
         val_fraction=d.val_fraction,
         max_bytes=d.max_bytes,
         cache_dir=d.cache_dir,
         tokenizer=tokenizer,
     )
+    learnt = split.tokenizer
+    with open_dict(cfg):
+        if isinstance(tokenizer, TokenizerRecipe):
+            cfg.tokenizer.path = str(learnt.path)
+        if learnt.name != ByteTokenizer.name and cfg.model.vocab_size != learnt.vocab_size:
+            log.info(
+                "model.vocab_size set to %d, the %s tokenizer's vocabulary", learnt.vocab_size, learnt.name
+            )
+            cfg.model.vocab_size = learnt.vocab_size
+    return split
 
 
 def teacher_env(cfg: DictConfig, split: TokenSplit, device: torch.device, progress: bool) -> TeacherEnv:
@@ -397,7 +418,10 @@ class Trainer:
             "world_size": self.ranks.world_size,
         }
         static.update(
-            {f"corpus/{k}": self.split.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
+            {
+                f"corpus/{k}": self.split.meta[k]
+                for k in ("documents", "train_tokens", "val_tokens", "tokenizer")
+            }
         )
         if self.targets:
             static["teacher/val_bpb"] = self.targets.meta["teacher_val_bpb"]

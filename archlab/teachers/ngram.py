@@ -164,7 +164,9 @@ class NGramTeacher:
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
             raise ConfigError("teacher.order", order, f"an integer from 1 to {MAX_ORDER}")
         if env.vocab_size != VOCAB:
-            raise ConfigError("model.vocab_size", env.vocab_size, f"{VOCAB}: the ngram teacher reads bytes")
+            allowed = f"{VOCAB}: the ngram teacher reads bytes (tokenizer=bytes); "
+            allowed += "with tokenizer=bpe use teacher=trained, teacher=self or teacher=none"
+            raise ConfigError("model.vocab_size", env.vocab_size, allowed)
         self.cfg, self.env = cfg, env
         self.order = order
         self.vocab_size = VOCAB

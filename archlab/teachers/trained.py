@@ -69,7 +69,8 @@ class TrainedTeacher:
             "logger",
             "data",
             "corpus",
-        ):  # how runs log and find the corpus; corpus_key says what it is
+            "tokenizer",
+        ):  # how runs log and find the corpus; corpus_key says what it is (its tokenizer too)
             described.pop(key)
         described["trainer"].pop("progress")
         for key in ON_POLICY_FIELDS:
