@@ -48,3 +48,16 @@ def test_mkdocs_build_strict(tmp_path):
     api_page = (tmp_path / "site" / "api" / "index.html").read_text()
     unrendered = [name for name in archlab.api.__all__ if f'id="archlab.api.{name}"' not in api_page]
     assert not unrendered, f"names of archlab.api.__all__ missing from the API page: {unrendered}"
+
+
+def test_the_readme_is_a_front_door_whose_links_all_resolve():
+    """Issue 23: at most 250 lines, and every relative link or image points at a file of the checkout."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert local, "the README links to its docs"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, missing
