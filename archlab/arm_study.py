@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from scipy import stats
 
-from archlab.errors import ConfigError, RunFailedError
+from archlab.errors import ConfigError
+from archlab.study_common import run_archlab, say
 
 BASE = "base"
 
@@ -180,23 +178,27 @@ def plot(study: dict, path: Path) -> Path:
     return path
 
 
-def domain_bpb(run_dir: Path, corpus_and_data: DictConfig) -> float:
+def domain_bpb(run_dir: Path, corpus_and_data: DictConfig, splits: dict) -> float:
     """Bits per byte of ``run_dir``'s final checkpoint on the validation windows of the corpus and data
     that ``corpus_and_data`` (a composed config) holds, evaluated as every run evaluates
-    (``archlab.evaluation.Evaluation``), so every arm of a study reads the same windows."""
+    (``archlab.evaluation.Evaluation``), so every arm of a study reads the same windows. ``splits``
+    keeps each (domain, tokenizer)'s tokenised split, so the corpus is read once, not once per run."""
     import torch
 
     from archlab import checkpoint
     from archlab.evaluation import Evaluation
-    from archlab.trainer import load_split
+    from archlab.trainer import load_split, tokenizer_for
 
     ckpt = checkpoint.latest(run_dir)
     cfg = checkpoint.saved_config(ckpt)
     with open_dict(cfg):
         cfg.corpus, cfg.data = corpus_and_data.corpus, corpus_and_data.data
+    key = (OmegaConf.to_yaml(cfg.corpus), OmegaConf.to_yaml(cfg.data), tokenizer_for(cfg).name)
+    if key not in splits:
+        splits[key] = load_split(cfg)
     device = torch.device("cpu")
     model = checkpoint.load_student(ckpt, device)
-    evaluation = Evaluation(model, load_split(cfg), cfg.trainer, None, device, contextlib.nullcontext)
+    evaluation = Evaluation(model, splits[key], cfg.trainer, None, device, contextlib.nullcontext)
     return evaluation()["val/bpb"]
 
 
@@ -210,8 +212,7 @@ class ArmStudy:
         self.wall: dict[str, float] = {}
 
     def say(self, message: str) -> None:
-        minutes, seconds = divmod(int(time.perf_counter() - self.start), 60)
-        print(f"[{minutes:3d}:{seconds:02d}] {message}", flush=True)
+        say(self.start, message)
 
     def check(self) -> None:
         """Compose and validate the base's and every arm's config before any work (an arm that trains on
@@ -227,19 +228,8 @@ class ArmStudy:
             validate(compose(overrides))
 
     def archlab(self, stage: str, *args: str) -> float:
-        """``archlab ARGS`` in a subprocess, its output in logs/STAGE.log; its wall-clock seconds."""
-        log = self.out / "logs" / f"{stage}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with log.open("w") as f:
-            cmd = [sys.executable, "-m", "archlab.cli", *args]
-            f.write(" ".join(cmd) + "\n\n")
-            f.flush()
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ).returncode
-        if code != 0:
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise RunFailedError(f"stage {stage} failed (exit {code}); last lines of {log}:\n{tail}")
-        return time.perf_counter() - start
+        """``archlab ARGS`` in a subprocess (``run_archlab``); its wall-clock seconds."""
+        return run_archlab(self.out, stage, list(args))
 
     def train(self, name: str, overrides: list[str]) -> Path:
         run_dir = self.out / "runs" / name
@@ -292,8 +282,9 @@ class ArmStudy:
         p, values = self.preset, {}
         common = app_overrides(self.overrides)
         domains = {d: compose([*common, *o]) for d, o in p.domains.items()}
+        splits: dict = {}
         for (arm, seed), run_dir in runs.items():
-            row = {f"{d} bpb": domain_bpb(run_dir, c) for d, c in domains.items()}
+            row = {f"{d} bpb": domain_bpb(run_dir, c, splits) for d, c in domains.items()}
             summary = run_summary(run_dir)
             row |= {m: float(summary[m]) for m in p.metrics if m in summary}
             row["wall s"] = self.wall[run_dir.name]

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,14 +37,17 @@ import yaml
 
 from archlab import ladder, registry
 from archlab.arm_study import ArmsPreset, ArmStudy
-from archlab.errors import ConfigError, RunFailedError
+from archlab.errors import ConfigError
 from archlab.study_common import (
     PRESETS_DIR,
+    StudyError,
     app_overrides,
     new_out,
     override_key,
     read_preset,
+    run_archlab,
     run_summary,
+    say,
     steps_of,
     write_json,
 )
@@ -198,23 +199,11 @@ class Study:
         self.start = time.perf_counter()
 
     def say(self, message: str) -> None:
-        minutes, seconds = divmod(int(time.perf_counter() - self.start), 60)
-        print(f"[{minutes:3d}:{seconds:02d}] {message}", flush=True)
+        say(self.start, message)
 
     def archlab(self, stage: str, *args: str) -> None:
-        """``archlab ARGS`` in a subprocess, its output in logs/STAGE.log; raises StudyError if it fails."""
-        log = self.out / "logs" / f"{stage}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as f:
-            cmd = [sys.executable, "-m", "archlab.cli", *args]
-            f.write(" ".join(cmd) + "\n\n")
-            f.flush()
-            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
-            env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        if code != 0:
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise StudyError(f"stage {stage} failed (exit {code}); last lines of {log}:\n{tail}")
+        """``archlab ARGS`` in a subprocess of ``cpu_count // jobs`` threads (``run_archlab``)."""
+        run_archlab(self.out, stage, list(args), threads=max(1, (os.cpu_count() or 1) // self.jobs))
 
     def multirun(self, stage: str, jobs: list[Job]) -> dict[str, Path]:
         """One ``archlab train -m +job=...`` into ``<out>/<stage>``; job name -> run dir with a summary.
@@ -393,10 +382,6 @@ def summary_lines(study: dict) -> list[str]:
         if "downstream" in r:
             out.append(downstream_line(r))
     return out
-
-
-class StudyError(RunFailedError):
-    """A stage's subprocess failed; the message points at its log."""
 
 
 def main(args: list[str]) -> int:

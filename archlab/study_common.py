@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
 import yaml
 
-from archlab.errors import ConfigError, check_out
+from archlab.errors import ConfigError, RunFailedError, check_out
 
 PRESETS_DIR = Path(__file__).parent / "studies"
 
@@ -90,3 +93,35 @@ def override_key(override: str) -> str:
 def app_overrides(overrides: list[str]) -> list[str]:
     """The overrides of archlab's config, without Hydra's own (``hydra/launcher=...``, ``hydra.x=...``)."""
     return [o for o in overrides if not override_key(o).startswith("hydra")]
+
+
+class StudyError(RunFailedError):
+    """A stage's subprocess failed; the message points at its log."""
+
+
+def say(start: float, message: str) -> None:
+    """One stage line, prefixed with the time since ``start`` (``time.perf_counter``)."""
+    minutes, seconds = divmod(int(time.perf_counter() - start), 60)
+    print(f"[{minutes:3d}:{seconds:02d}] {message}", flush=True)
+
+
+def run_archlab(out: Path, stage: str, args: list[str], threads: int | None = None) -> float:
+    """``archlab ARGS`` in a subprocess, its output in ``<out>/logs/STAGE.log`` (``threads``: its BLAS
+    threads, else the environment's); its wall-clock seconds. Raises StudyError if it fails."""
+    log = out / "logs" / f"{stage}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = (
+        os.environ
+        if threads is None
+        else os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    )
+    start = time.perf_counter()
+    with log.open("w") as f:
+        cmd = [sys.executable, "-m", "archlab.cli", *args]
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise StudyError(f"stage {stage} failed (exit {code}); last lines of {log}:\n{tail}")
+    return time.perf_counter() - start
