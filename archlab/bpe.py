@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from archlab.cachedir import build_once, check_file, make_tmp, publish, read_meta
-from archlab.errors import ConfigError
+from archlab.errors import ConfigError, optional_module
 from archlab.tokenizer import token_dtype
 
 EOD_TOKEN = "<|endoftext|>"
@@ -36,11 +36,7 @@ ENCODE_BATCH = 1024  # documents per encode_batch call (the library spreads a ba
 
 
 def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ConfigError("tokenizer", "bpe", "tokenizers installed: pip install 'archlab[hf]'") from None
-    return tokenizers
+    return optional_module("tokenizers", "tokenizer", "bpe", "hf")
 
 
 def _texts(docs: list[bytes]) -> list[str]:

@@ -8,6 +8,7 @@ and failed (``RunFailedError``: it diverged, a study stage failed); 130 interrup
 from __future__ import annotations
 
 import errno
+import importlib
 from pathlib import Path
 
 #: ``OSError.errno`` of a directory that cannot be written (permissions, a read-only file system).
@@ -60,3 +61,11 @@ def check_out(path: Path, *, directory: bool, key: str = "--out") -> Path:
     if blocker is not None:
         raise ConfigError(key, str(path), f"a path that is not under a file ({blocker} is one)")
     return path
+
+
+def optional_module(module: str, key: str, value: object, extra: str):
+    """``module`` imported, or a ConfigError for ``key=value`` saying which archlab extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(key, value, f"{module} installed: pip install 'archlab[{extra}]'") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from archlab.errors import ConfigError
+from archlab.errors import ConfigError, optional_module
 
 Document = tuple[str, bytes]
 #: ``load_dataset`` builders by file suffix (``format=auto``); ``disk`` is a ``save_to_disk`` directory.
@@ -36,11 +36,7 @@ READ_BATCH = 1000  # rows read per Arrow batch
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError("corpus", "hf", "datasets installed: pip install 'archlab[hf]'") from None
-    return datasets
+    return optional_module("datasets", "corpus", "hf", "hf")
 
 
 def _expand(entries: list[str]) -> list[Path]:
