@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from archlab.durable import sha256_file
-from archlab.errors import ConfigError
+from archlab.errors import ConfigError, optional_module
 from archlab.teacher import TeacherEnv
 from archlab.tokenizer import token_dtype
 
@@ -98,11 +98,7 @@ def _checkpoint(cfg: HFTeacher.Config) -> Checkpoint:
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("teacher", "hf", "transformers installed: pip install 'archlab[hf]'") from None
-    return transformers
+    return optional_module("transformers", "teacher", "hf", "hf")
 
 
 class HFTokenizer:
