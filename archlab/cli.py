@@ -205,9 +205,9 @@ def teacher(args: list[str]) -> int:
         targets = soft_targets_for(cfg, split, ranks.device, t, objective_cfg, builders=ranks)
     if not ranks.is_main:
         return 0
-    print(f"teacher {cfg.teacher.plugin}: val bpb {targets.meta['teacher_val_bpb']:.4f}")
+    print(f"teacher {cfg.teacher.plugin}: val bpb {targets.teacher_val_bpb:.4f}")
     print(
-        f"soft targets ({targets.meta['train_windows']} train windows, top {targets.meta['top_k']}): "
+        f"soft targets ({targets.meta['train_rows']} train windows, top {targets.meta['top_k']}): "
         f"{targets.path}"
     )
     return 0

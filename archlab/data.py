@@ -253,12 +253,20 @@ def stream_windows(n_windows: int, seed: int, first: int, count: int) -> np.ndar
 
     The stream visits the ``n_windows`` aligned windows of the train split in a seeded
     random order, a fresh order each epoch. It is a pure function of its arguments, so
-    resuming at a step replays the same batches, and a soft-target cache built for the
-    stream's first N positions serves every student with the same seed and context.
+    resuming at a step replays the same batches, and a soft-target cache (keyed by window)
+    serves any stream whose windows it holds.
     """
     positions = np.arange(first, first + count)
     epochs, offsets = np.divmod(positions, n_windows)
     return np.array([_epoch_order(n_windows, seed, e)[o] for e, o in zip(epochs, offsets, strict=True)])
+
+
+def needed_windows(n_windows: int, seed: int, count: int) -> np.ndarray:
+    """The distinct window indices, sorted, at positions [0, count) of the training stream: the
+    first ``count`` of the first epoch's order, or every window once the stream wraps."""
+    if count >= n_windows:
+        return np.arange(n_windows, dtype=np.int64)
+    return np.sort(_epoch_order(n_windows, seed, 0)[:count]).astype(np.int64)
 
 
 def n_train_windows(tokens: np.ndarray, context: int) -> int:

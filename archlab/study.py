@@ -2,7 +2,8 @@
 
 Stages, each printed as one line with the elapsed time:
 
-1. teacher: ``archlab teacher build`` once per seed; every later run only reads its soft targets.
+1. teacher: ``archlab teacher build`` once per seed, each adding its windows to one cache; every later run
+   only reads its soft targets.
 2. ladder: the rungs of ``archlab.ladder`` (seed 0) and the baseline rung at every further seed, fitted to
    L(N) = E + A·N^(−α) (``archlab.density``; the fit is saved as ``ladder_fit.json``).
 3. arms: the students, a placebo and a negative control at every seed. Seed s fixes the data order of

@@ -232,7 +232,7 @@ def soft_targets_for(
         lock_timeout=cfg.distill.lock_timeout,
     )
     targets = build_or_load(teacher, split, request, cache_dir, t.progress, builders)
-    log.info("teacher %s: val bpb %.4f", cfg.teacher.plugin, targets.meta["teacher_val_bpb"])
+    log.info("teacher %s: val bpb %.4f", cfg.teacher.plugin, targets.teacher_val_bpb)
     return targets
 
 
@@ -424,7 +424,7 @@ class Trainer:
             }
         )
         if self.targets:
-            static["teacher/val_bpb"] = self.targets.meta["teacher_val_bpb"]
+            static["teacher/val_bpb"] = self.targets.teacher_val_bpb
         try:
             summary = self._loop(loggers, static)
         except BaseException:

@@ -316,7 +316,7 @@ def step_rows(times: dict[str, list[float]], tokens: int) -> dict:
 def breakdown(kd: Trainer, ce: Trainer, repeats: int) -> dict:
     """Median ms of the kd step's extra parts: the target read, and kd's objective against ce's."""
     t = kd.t
-    n_windows = kd.targets.meta["train_windows"]
+    n_windows = t.max_steps * t.grad_accum * t.batch_size  # stream positions the run's targets cover
     x, y = train_batch(
         kd.split.train, context=kd.model.dims.context, seed=kd.cfg.seed, first=0, count=t.batch_size
     )
@@ -549,7 +549,7 @@ def _sweep(args: argparse.Namespace, work: Path, split: TokenSplit) -> dict:
         "cache": {
             "s": build["s"],
             "teacher": build["teacher"],
-            "train_windows": cache.meta["train_windows"],
+            "train_windows": cache.meta["train_rows"],
             "val_windows": cache.meta["val_windows"],
         },
         "cached": {"teacher_builds": cached_builds, "students": cached},

@@ -23,6 +23,7 @@ class BigramTeacher:
     def __init__(self) -> None:
         self.table = torch.log_softmax(torch.randn(256, 256, generator=torch.Generator().manual_seed(0)), -1)
         self.prepared = 0
+        self.windows = 0  # scored so far
 
     def identity(self) -> dict:
         return {"plugin": "bigram-test"}
@@ -31,6 +32,7 @@ class BigramTeacher:
         self.prepared += 1
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.windows += len(tokens)
         return self.table[tokens]
 
 
@@ -69,8 +71,8 @@ def test_rows_are_the_teachers_tempered_top_k_of_the_stream(split, tmp_path) -> 
     # the teacher's own held-out bpb, at temperature 1
     xv, yv = windows(split.val, [i * 16 for i in range(5)], 16)
     nats = -teacher.table[xv].gather(-1, yv[..., None]).sum()
-    assert cache.meta["teacher_val_bpb"] == pytest.approx(float(nats) / (5 * 16) / math.log(2), rel=1e-5)
-    with pytest.raises(ArchlabError, match="covers 20 training windows"):
+    assert cache.teacher_val_bpb == pytest.approx(float(nats) / (5 * 16) / math.log(2), rel=1e-5)
+    with pytest.raises(ArchlabError, match="no targets for training window .* position 20 of seed 3"):
         cache.train(18, 4)
 
 
@@ -94,14 +96,66 @@ def test_found_not_rebuilt_and_damage_is_detected(split, tmp_path) -> None:
 def test_a_longer_run_extends_and_a_foreign_cache_is_refused(split, tmp_path) -> None:
     teacher = BigramTeacher()
     cache = build_or_load(teacher, split, REQ, tmp_path, progress=False)
-    longer = TargetRequest(**{**REQ.__dict__, "train_windows": 40})
-    assert build_or_load(teacher, split, longer, tmp_path, progress=False).meta["train_windows"] == 40
-    assert teacher.prepared == 2
+    assert teacher.windows == 20 + 6  # the validation windows in a whole build batch
+    longer = build_or_load(
+        teacher, split, TargetRequest(**{**REQ.__dict__, "train_windows": 40}), tmp_path, False
+    )
+    assert longer.path == cache.path and longer.meta["train_rows"] == 40
+    assert teacher.windows == 26 + 20  # only the 20 new windows were scored
+    assert longer.train(0, 40).ids.equal(fresh(split, tmp_path, 40).train(0, 40).ids)
+    build_or_load(teacher, split, REQ, tmp_path, progress=False)  # the shorter run again: nothing to build
+    assert (teacher.prepared, teacher.windows) == (2, 46)
     meta = json.loads((cache.path / "meta.json").read_text())
     meta["temperature"] = 1.0  # as if copied over from a cache built at another temperature
     (cache.path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ArchlabError, match="built with temperature=1.0, this run asks for 2.0"):
         build_or_load(teacher, split, REQ, tmp_path, progress=False)
+
+
+def fresh(split: TokenSplit, tmp_path, train_windows: int, val_windows: int = 5, seed: int = 3):
+    """A cache built from nothing, in a directory of its own, for the stream of ``seed``."""
+    req = TargetRequest(
+        **{**REQ.__dict__, "train_windows": train_windows, "val_windows": val_windows, "seed": seed}
+    )
+    return build_or_load(
+        BigramTeacher(), split, req, tmp_path / f"fresh-{train_windows}-{val_windows}-{seed}", False
+    )
+
+
+def test_rows_are_keyed_by_window_so_any_seed_or_epoch_reuses_them(split, tmp_path) -> None:
+    teacher, n = BigramTeacher(), (5000 - 1) // 16
+    a = build_or_load(teacher, split, REQ, tmp_path, progress=False)
+    other_seed = TargetRequest(**{**REQ.__dict__, "seed": 4})
+    b = build_or_load(teacher, split, other_seed, tmp_path, progress=False)
+    shared = np.intersect1d(stream_windows(n, 3, 0, 20), stream_windows(n, 4, 0, 20))
+    assert b.path == a.path and b.meta["train_rows"] == 40 - len(shared)
+    assert teacher.windows == 26 + 20 - len(shared)  # seed 4's windows that seed 3 had were not rescored
+    assert b.train(0, 20).ids.equal(fresh(split, tmp_path, 20, seed=4).train(0, 20).ids)
+    teacher.windows = 0
+    every = build_or_load(
+        teacher, split, TargetRequest(**{**REQ.__dict__, "train_windows": 2 * n}), tmp_path, False
+    )
+    assert every.meta["train_rows"] == n and teacher.windows == n - b.meta["train_rows"]
+    # the second epoch's order differs from the first, and every position finds its window
+    assert every.train(n, 20).ids.equal(fresh(split, tmp_path, 2 * n).train(n, 20).ids)
+    for seed in (3, 4, 9):
+        build_or_load(teacher, split, TargetRequest(**{**REQ.__dict__, "seed": seed}), tmp_path, False)
+    assert teacher.windows == n - b.meta["train_rows"]  # nothing more was scored
+
+
+@pytest.mark.parametrize(("before", "then"), [(11, 3), (3, 11), (5, 5)])
+def test_the_teachers_val_bpb_does_not_depend_on_what_was_cached_before(
+    split, tmp_path, before, then
+) -> None:
+    teacher = BigramTeacher()
+    build_or_load(teacher, split, TargetRequest(**{**REQ.__dict__, "val_windows": before}), tmp_path, False)
+    after = build_or_load(
+        teacher, split, TargetRequest(**{**REQ.__dict__, "val_windows": then}), tmp_path, False
+    )
+    assert after.teacher_val_bpb == fresh(split, tmp_path, 20, then).teacher_val_bpb  # exactly
+    xv, yv = windows(split.val, [i * 16 for i in range(then)], 16)
+    nats = -teacher.table[xv].gather(-1, yv[..., None]).double().sum()
+    assert after.teacher_val_bpb == pytest.approx(float(nats) / (then * 16) / math.log(2), rel=1e-12)
 
 
 def test_k_and_temperature_key_separate_caches(split, tmp_path) -> None:
@@ -122,4 +176,4 @@ def test_chunked_top_k_equals_the_full_vocabulary_top_k(chunk_rows) -> None:
     # the path before chunking: the whole distribution tempered, then torch.topk over the vocabulary
     values, ids = torch.log_softmax(logprobs / 0.7, dim=-1).topk(16, dim=-1)
     assert top.ids.equal(ids) and top.logprobs.equal(values)
-    assert nats == -float(logprobs.gather(-1, targets[..., None]).sum())
+    assert nats.equal(-logprobs.gather(-1, targets[..., None])[..., 0].double().sum(1))

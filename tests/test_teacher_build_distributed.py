@@ -36,7 +36,7 @@ TEACHERS = {
         '"trainer.max_steps=10","trainer.batch_size=4","trainer.eval_tokens=1024"]',
     ),
 }
-SPLIT = "soft targets: 2 ranks fill train windows [0, 9) [9, 20) and val windows [0, 33) [33, 64)"
+SPLIT = "soft targets: 2 ranks fill train windows [0, 9) [9, 20) and val windows [0, 33) [33, 66) (of those to compute)"
 # rank 1 fails while filling its share; rank 0 fails before the build starts (module:attribute)
 FAULTS = {
     "rank 1 fills": ("1", "archlab.teachers.ngram:NGramTeacher.log_probs"),
@@ -114,12 +114,31 @@ def test_two_ranks_build_the_cache_one_process_builds(teacher, launcher, overrid
     a, b = built(tmp_path / "one"), built(tmp_path / "two")
     assert a.name == b.name, "the same cache key"
     names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 5
+    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 7
     different = [n for n in names if not filecmp.cmp(a / n, b / n, shallow=False)]
     assert not different, f"differ from the one-process build: {different}"
     meta = json.loads((b / "meta.json").read_text())
-    assert (meta["train_windows"], meta["val_windows"]) == (20, 64)
+    assert (meta["train_rows"], meta["val_windows"]) == (20, 66)  # 64 needed, in whole batches of 3
     assert not list((tmp_path / "two" / "soft_targets").glob(".tmp-*")), "a temporary dir is left"
+
+
+def test_two_ranks_extend_a_cache_as_one_process_does(overrides, tmp_path, cli_env):
+    """A cache built for 5 steps, extended to 8 steps of another seed: by 2 ranks, the same files."""
+    args = [*overrides, *TEACHERS["ngram"]]
+    longer = ["trainer.max_steps=8", "seed=1"]
+    for where in ("one", "two"):
+        first = run([sys.executable, *BUILD, *args, f"data.cache_dir={tmp_path / where}"], tmp_path, cli_env)
+        assert first.returncode == 0, first.stderr[-3000:]
+    one = run(
+        [sys.executable, *BUILD, *args, *longer, f"data.cache_dir={tmp_path / 'one'}"], tmp_path, cli_env
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    printed = two_ranks("torchrun", [*args, *longer, f"data.cache_dir={tmp_path / 'two'}"], tmp_path, cli_env)
+    assert "training windows to compute (" in printed and "(0 kept)" not in printed, printed[-3000:]
+    a, b = built(tmp_path / "one"), built(tmp_path / "two")
+    different = [p.name for p in a.iterdir() if not filecmp.cmp(p, b / p.name, shallow=False)]
+    assert not different, f"differ from the one-process extension: {different}"
+    assert json.loads((b / "meta.json").read_text())["train_rows"] > 20
 
 
 def test_a_ddp_training_run_shares_the_build_of_its_missing_cache(overrides, tmp_path, cli_env):
@@ -129,9 +148,9 @@ def test_a_ddp_training_run_shares_the_build_of_its_missing_cache(overrides, tmp
     done = run(torchrun("-m", "archlab.cli", "train", *args), tmp_path, cli_env)
     assert done.returncode == 0, done.stderr[-3000:]
     # 2 steps x batch 4 x 2 ranks = 16 train windows in 6 batches of 3
-    split = "soft targets: 2 ranks fill train windows [0, 9) [9, 16) and val windows [0, 33) [33, 64)"
+    split = "soft targets: 2 ranks fill train windows [0, 9) [9, 16) and val windows [0, 33) [33, 66) (of those to compute)"
     assert split in (tmp_path / "run" / "train.log").read_text()
-    assert json.loads((built(tmp_path / "cache") / "meta.json").read_text())["train_windows"] == 16
+    assert json.loads((built(tmp_path / "cache") / "meta.json").read_text())["train_rows"] == 16
 
 
 def test_two_ranks_find_a_published_cache(overrides, tmp_path, cli_env):

@@ -36,7 +36,15 @@ REQ = TargetRequest(
 )
 KILLED = 77  # exit status of a build killed at an injected point
 DATA_FILES = ("train.bin", "val.bin", "meta.json")
-SOFT_FILES = ("train_ids.bin", "train_logprobs.bin", "val_ids.bin", "val_logprobs.bin", "meta.json")
+SOFT_FILES = (
+    "train_index.bin",
+    "train_ids.bin",
+    "train_logprobs.bin",
+    "val_ids.bin",
+    "val_logprobs.bin",
+    "val_nats.bin",
+    "meta.json",
+)
 HERE = Path(__file__).parent
 
 
@@ -180,7 +188,7 @@ def test_a_corrupt_soft_target_meta_json_is_rebuilt(tmp_path, ref, caplog, kind)
     teacher = BigramTeacher()
     first = build_or_load(teacher, ref, REQ, tmp_path / "cache", progress=False)
     meta = json.loads((first.path / "meta.json").read_text())
-    (first.path / "meta.json").write_bytes(CORRUPT_META[kind](meta, "train_windows"))
+    (first.path / "meta.json").write_bytes(CORRUPT_META[kind](meta, "train_rows"))
     with caplog.at_level(logging.INFO):
         again = build_or_load(teacher, ref, REQ, tmp_path / "cache", progress=False)
     [warning] = warnings_of(caplog)
@@ -465,15 +473,16 @@ def test_a_cache_whose_lock_cannot_be_created_is_read_and_not_built(tmp_path, re
 
 
 def test_a_soft_target_build_larger_than_the_free_space_is_refused(tmp_path, ref, monkeypatch) -> None:
+    rows = REQ.train_windows + 6  # validation windows come in whole build batches of 6
     need = (
-        (REQ.train_windows + REQ.val_windows) * REQ.context * REQ.top_k * (1 + 2)
-    )  # uint8 ids, fp16 logprobs
-    assert need == 9600
+        rows * REQ.context * REQ.top_k * (1 + 2) + rows * 8
+    )  # uint8 ids, fp16 logprobs; int64 index, f64 nats
+    assert need == 10192
     monkeypatch.setattr(
         "shutil.disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=0, free=need - 1)
     )
     teacher = BigramTeacher()
-    with pytest.raises(ArchlabError, match=r"needs 9\.6 kB .* only 9\.6 kB is free") as e:
+    with pytest.raises(ArchlabError, match=r"needs 10\.2 kB .* only 10\.2 kB is free") as e:
         build_or_load(teacher, ref, REQ, tmp_path / "cache", progress=False)
     assert all(key in str(e.value) for key in ("trainer.max_steps", "distill.top_k"))
     assert str(soft_path(teacher, ref, tmp_path / "cache")) in str(e.value)
