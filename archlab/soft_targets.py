@@ -491,8 +491,8 @@ def _build(
     try:
         kept = plan.meta["train_rows"] - len(plan.missing)
         log.info(
-            "soft targets: %d training windows to compute (%d kept), validation windows %d-%d",
-            len(plan.missing), kept, plan.val_from, plan.meta["val_windows"],
+            "soft targets: %d training windows to compute (%d kept), %d validation windows (%d kept)",
+            len(plan.missing), kept, plan.meta["val_windows"] - plan.val_from, plan.val_from,
         )  # fmt: skip
         crew.tell(("build", plan))
         _fill_share(plan, teacher, split, crew, progress)
