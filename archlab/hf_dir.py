@@ -53,7 +53,11 @@ def transformers_module():
 
 def byte_tokenizer():
     """archlab's byte tokenizer as a ``PreTrainedTokenizerFast``: byte-level pre-tokenisation (each byte one
-    symbol, GPT-2's byte-to-unicode table) over a BPE vocabulary of the 256 symbols, id = byte value."""
+    symbol, GPT-2's byte-to-unicode table) over a BPE vocabulary of the 256 symbols, id = byte value.
+
+    Its ``eos_token`` is the NUL byte's symbol (id 0), so that tools reading the tokenizer rather than the
+    config (lm-eval's ``HFLM``: its end-of-text, rolling-window prefix and padding ids) find it; with
+    ``split_special_tokens`` that symbol's character in a text (U+0100, ``Ā``) stays its two UTF-8 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -62,7 +66,12 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE({symbol[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=symbol[EOD[0]],
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def hf_tokenizer(tokenizer) -> tuple[Any, dict[str, int | None]]:
