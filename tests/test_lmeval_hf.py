@@ -69,7 +69,9 @@ def _scores(run_cli, source: Path, model: str, out: Path) -> dict:
     done = run_cli(*args, "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
+    ran = record["lm_eval"]["config"]  # what the model that ran told lm-eval (its get_model_info)
     assert record["model"] == model
+    assert (ran.get("model_dtype") == "torch.float32") if model == "hf" else ("archlab_step" in ran)
     return record["scores"]
 
 
