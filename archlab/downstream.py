@@ -102,7 +102,7 @@ def hf_lm(folder: Path, *, device: str, batch_size: int):
 
     config = json.loads((folder / "config.json").read_text())
     return HFLM(
-        pretrained=str(folder),
+        pretrained=str(folder.resolve()),  # a path, never a Hub id: no model_sha lookup online
         device=str(resolve_device(device, key="--device")),
         batch_size=batch_size,
         dtype="float32",
