@@ -2,11 +2,11 @@
 
 DIR holds ``config.json`` (the model type ``archlab.hf_export.assemble`` chose), ``model.safetensors``
 (fp32) and the run's tokenizer: archlab's byte tokenizer as a ``PreTrainedTokenizerFast`` (a byte-level BPE
-of the 256 bytes and no merges, so ids == byte values, and ``config.eos_token_id`` = 0, the NUL that ends
-every document), a teacher's tokenizer as itself. The tensors are checked against the transformers class
-built on the meta device (names and shapes), the directory is loaded back with ``AutoModelForCausalLM`` and
-its logits compared with the student's on random tokens, and only then is it renamed into place
-(``archlab.durable``): a failed export leaves nothing at DIR.
+of the 256 bytes and no merges, so ids == byte values, and its EOS and ``config.eos_token_id`` = 0, the NUL
+that ends every document), a teacher's tokenizer as itself. The tensors are checked against the
+transformers class built on the meta device (names and shapes), the directory is loaded back with
+``AutoModelForCausalLM`` and its logits compared with the student's on random tokens, and only then is it
+renamed into place (``archlab.durable``): a failed export leaves nothing at DIR.
 """
 
 from __future__ import annotations
