@@ -1,6 +1,7 @@
-"""``archlab eval --model hf``: lm-eval's stock ``HFLM`` on the exported student scores every request as the
-archlab model does (the same tokens, prefix and truncation), so both give the shipped tasks' scores (dense
-and MLA + MoE students); a student no stock class holds is refused before lm-eval runs."""
+"""``archlab eval --model hf``: lm-eval's stock ``HFLM`` on the exported student answers every request as the
+archlab model does (the same tokens, prefix and truncation; greedy text too), so both give the shipped
+tasks' scores (dense and MLA + MoE students); a student no stock class holds is refused before lm-eval
+runs."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def test_hflm_on_the_export_scores_every_request_as_the_archlab_model(tmp_path: 
     assert [t for t, _ in got] == pytest.approx([t for t, _ in want], rel=1e-5)
     rolled = stock.loglikelihood_rolling(documents, disable_tqdm=True)
     assert rolled == pytest.approx(ours.loglikelihood_rolling(documents, disable_tqdm=True), rel=1e-5)
+    until = {"until": ["\n"], "max_gen_toks": 8}  # an empty prompt: HFLM puts no prefix token before it
+    prompts = [instance("generate_until", c, until) for c, _ in asked if c]
+    assert stock.generate_until(prompts, disable_tqdm=True) == ours.generate_until(prompts, disable_tqdm=True)
 
 
 def _scores(run_cli, source: Path, model: str, out: Path) -> dict:
