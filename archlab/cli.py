@@ -47,9 +47,10 @@ commands:
   teacher sample CHECKPOINT --prompts N --temperature T --top-p P [--samples-per-prompt K] --out DIR
                       a corpus sampled from a checkpoint, with a provenance manifest, for
                       corpus=files (sequence-level KD; SSD when it is the student's own run)
-  eval RUN --tasks T1,T2 [--limit N] [--batch-size B] [--out FILE]
+  eval RUN --tasks T1,T2 [--limit N] [--batch-size B] [--model archlab|hf] [--out FILE]
                       score a student on lm-eval tasks (archlab's own offline ones:
-                      archlab_stdlib_choice, archlab_stdlib_perplexity); needs archlab[eval]
+                      archlab_stdlib_choice, archlab_stdlib_perplexity); needs archlab[eval];
+                      --model hf: through lm-eval's stock hf model on the exported student
   export CHECKPOINT --packed [--out PATH]
                       write the student as one packed safetensors file (ternary: 2 bits per weight);
                       `generate` reads it too

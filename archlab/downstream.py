@@ -1,7 +1,8 @@
 """``archlab eval RUN --tasks T1,T2``: downstream scores of a student through EleutherAI's lm-eval
 (``archlab[eval]``), on the student's own forward and KV cache (``archlab.lmeval``), so any student is
-evaluated, exportable or not. archlab's own tasks (``archlab.eval_tasks``) run offline; any lm-eval task
-runs when its data is on this machine.
+evaluated, exportable or not; ``--model hf``: through lm-eval's stock ``hf`` model (``HFLM``) on the
+student exported as ``archlab export --hf`` writes it (``hf_lm``). archlab's own tasks
+(``archlab.eval_tasks``) run offline; any lm-eval task runs when its data is on this machine.
 
 Prints lm-eval's table and writes its results as JSON (temp name, fsync, rename: ``archlab.durable``)
 to ``--out`` (default ``<run dir>/eval.json``).
@@ -10,9 +11,12 @@ to ``--out`` (default ``<run dir>/eval.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from archlab import checkpoint, durable, typos
@@ -20,6 +24,9 @@ from archlab.errors import ArchlabError, ConfigError, check_out
 from archlab.eval_tasks import SHIPPED, TASKS_DIR
 
 log = logging.getLogger(__name__)
+
+#: ``--model``: archlab's lm-eval model (any student), or lm-eval's ``HFLM`` on the exported student.
+MODELS = {"archlab": "any student", "hf": "lm-eval's HFLM on the student exported to transformers"}
 
 
 def require_lm_eval() -> None:
@@ -70,33 +77,83 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parents[1] if ckpt.parent.name == "checkpoints" else ckpt
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a transformers model directory (``archlab export --hf``'s: a config.json)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def hf_lm(folder: Path, *, device: str, batch_size: int):
+    """lm-eval's ``HFLM`` on the transformers directory ``folder`` in float32, scoring what ``ArchlabLM``
+    scores (lm-eval 0.4.13's ``huggingface.py``):
+
+    - tokens: ``add_bos_token`` is left unset, so ``tok_encode`` calls the tokenizer with its own default
+      special tokens, as archlab's tokenizers' ``encode`` does: bytes and a learnt BPE add none (their
+      exports have no post-processor), a teacher's (``teacher=hf``) adds what it added in training;
+    - prefix: rolling windows and empty contexts start with ``prefix_token_id``, HFLM's BOS where the
+      tokenizer has one, else its EOS; ``ArchlabLM``'s is the end-of-document token, the export's
+      ``config.eos_token_id``, passed explicitly;
+    - length: ``max_length`` is ``config.max_position_embeddings``, the student's ``model.context``,
+      and both left-truncate ``context + continuation`` to its last ``max_length + 1`` tokens (HFLM
+      refuses a continuation longer than ``max_length``, which ``ArchlabLM`` scores in chunks).
+    Both right-pad a batch; causal, a row's scores never see the padding."""
+    from lm_eval.models.huggingface import HFLM
+
+    from archlab.trainer import resolve_device
+
+    config = json.loads((folder / "config.json").read_text())
+    return HFLM(
+        pretrained=str(folder.resolve()),  # a path, never a Hub id: no model_sha lookup online
+        device=str(resolve_device(device, key="--device")),
+        batch_size=batch_size,
+        dtype="float32",
+        prefix_token_id=config["eos_token_id"],
+    )
+
+
+@contextlib.contextmanager
+def lm_eval_model(model: str, source: Path, *, device: str, batch_size: int) -> Iterator:
+    """lm-eval model ``model`` (``MODELS``) on ``source``, a checkpoint (``hf``: exported to a temporary
+    directory by ``archlab.export.write_hf``, whose refusal of a student no stock class holds is an
+    ``ArchlabError``) or, for ``hf``, an exported directory."""
+    if model == "archlab":
+        from archlab.lmeval import ArchlabLM
+
+        yield ArchlabLM(run=str(source), device=device, batch_size=batch_size)
+        return
+    from archlab.export import write_hf
+
+    with tempfile.TemporaryDirectory(prefix="archlab-eval-hf-") as tmp:
+        folder = source if is_hf_dir(source) else Path(write_hf(source, Path(tmp) / "hf")["dir"])
+        yield hf_lm(folder, device=device, batch_size=batch_size)
+
+
 def evaluate(
     run: str | Path,
     tasks: list[str],
     *,
+    model: str = "archlab",
     limit: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
     bootstrap_iters: int = 1000,
     include: list[Path] = (),
 ) -> dict:
-    """lm-eval's ``simple_evaluate`` of run ``run``'s student on ``tasks`` (found among archlab's own,
-    the task YAMLs under ``include`` and lm-eval's): its results dict."""
+    """lm-eval's ``simple_evaluate`` of run ``run``'s student through lm-eval model ``model``
+    (``lm_eval_model``) on ``tasks`` (found among archlab's own, the task YAMLs under ``include`` and
+    lm-eval's): its results dict."""
     require_lm_eval()
     manager = task_manager(tasks, include)
     from lm_eval import simple_evaluate
 
-    from archlab.lmeval import ArchlabLM
-
-    lm = ArchlabLM(run=str(run), device=device, batch_size=batch_size)
-    return simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        limit=limit,
-        task_manager=manager,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=False,
-    )
+    with lm_eval_model(model, Path(run), device=device, batch_size=batch_size) as lm:
+        return simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+        )
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:
@@ -116,10 +173,19 @@ def main(args: list[str]) -> int:
         prog="archlab eval",
         description="Score a trained student on lm-eval tasks (archlab's own: "
         + ", ".join(SHIPPED)
-        + ") through the archlab lm-eval model; needs archlab[eval].",
+        + ") through the archlab lm-eval model, or lm-eval's hf model on the exported student; needs "
+        "archlab[eval].",
     )
-    parser.add_argument("run", help="a run dir, its checkpoints/ dir, or one checkpoint dir")
+    parser.add_argument(
+        "run", help="a run dir, its checkpoints/ dir, or one checkpoint dir (--model hf: or an export)"
+    )
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument(
+        "--model",
+        default="archlab",
+        help="archlab (default: any student) or hf (lm-eval's HFLM on the student exported to "
+        "transformers, as `archlab export --hf` writes it; exportable students only)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most N documents per task")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--device", default="auto")
@@ -131,6 +197,8 @@ def main(args: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default <run dir>/eval.json)")
     opts = parser.parse_args(args)
+    if opts.model not in MODELS:
+        raise ConfigError("--model", opts.model, " or ".join(f"{k} ({v})" for k, v in MODELS.items()))
     tasks = parse_tasks(opts.tasks)
     for key, value, bad in (
         ("--limit", opts.limit, opts.limit is not None and opts.limit < 1),
@@ -142,12 +210,14 @@ def main(args: list[str]) -> int:
     missing = next((p for p in opts.include_path if not p.is_dir()), None)
     if missing is not None:
         raise ConfigError("--include-path", str(missing), "a folder of lm-eval task YAMLs")
-    ckpt = checkpoint.find(opts.run, key="RUN")
+    exported = opts.model == "hf" and is_hf_dir(opts.run)
+    ckpt = Path(opts.run) if exported else checkpoint.find(opts.run, key="RUN")
     out = check_out(opts.out or run_dir_of(ckpt) / "eval.json", directory=False)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     results = evaluate(
         ckpt,
         tasks,
+        model=opts.model,
         limit=opts.limit,
         batch_size=opts.batch_size,
         device=opts.device,
@@ -157,7 +227,13 @@ def main(args: list[str]) -> int:
     from lm_eval.utils import handle_non_serializable, make_table
 
     print(make_table(results))
-    record = {"checkpoint": str(ckpt), "tasks": tasks, "scores": scores(results), "lm_eval": results}
+    record = {
+        "checkpoint": str(ckpt),
+        "model": opts.model,
+        "tasks": tasks,
+        "scores": scores(results),
+        "lm_eval": results,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=1, default=handle_non_serializable)
     durable.write_atomic(out, text.encode())

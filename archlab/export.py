@@ -148,12 +148,19 @@ def main(args: list[str]) -> int:
     return 0
 
 
-def export_hf(ckpt: Path, out: Path, *, force: bool) -> int:
-    """``--hf DIR``: the checkpoint's student and its run's tokenizer as a transformers model directory."""
+def write_hf(ckpt: Path, out: Path, *, force: bool = False) -> dict:
+    """The checkpoint's student and its run's tokenizer as a transformers model directory ``out``
+    (``archlab.hf_dir.write_dir``'s report); ``archlab eval --model hf`` exports through it too."""
     from archlab import checkpoint, hf_dir
     from archlab.trainer import run_tokenizer
 
     model = checkpoint.load_student(ckpt, torch.device("cpu"))
-    report = hf_dir.write_dir(model, run_tokenizer(checkpoint.saved_config(ckpt)), out, force=force)
-    print(hf_dir.format_report(report))
+    return hf_dir.write_dir(model, run_tokenizer(checkpoint.saved_config(ckpt)), out, force=force)
+
+
+def export_hf(ckpt: Path, out: Path, *, force: bool) -> int:
+    """``--hf DIR``: ``write_hf``, and what it wrote."""
+    from archlab import hf_dir
+
+    print(hf_dir.format_report(write_hf(ckpt, out, force=force)))
     return 0

@@ -2,11 +2,11 @@
 
 DIR holds ``config.json`` (the model type ``archlab.hf_export.assemble`` chose), ``model.safetensors``
 (fp32) and the run's tokenizer: archlab's byte tokenizer as a ``PreTrainedTokenizerFast`` (a byte-level BPE
-of the 256 bytes and no merges, so ids == byte values, and ``config.eos_token_id`` = 0, the NUL that ends
-every document), a teacher's tokenizer as itself. The tensors are checked against the transformers class
-built on the meta device (names and shapes), the directory is loaded back with ``AutoModelForCausalLM`` and
-its logits compared with the student's on random tokens, and only then is it renamed into place
-(``archlab.durable``): a failed export leaves nothing at DIR.
+of the 256 bytes and no merges, so ids == byte values, and its EOS and ``config.eos_token_id`` = 0, the NUL
+that ends every document), a teacher's tokenizer as itself. The tensors are checked against the
+transformers class built on the meta device (names and shapes), the directory is loaded back with
+``AutoModelForCausalLM`` and its logits compared with the student's on random tokens, and only then is it
+renamed into place (``archlab.durable``): a failed export leaves nothing at DIR.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def transformers_module():
 
 def byte_tokenizer():
     """archlab's byte tokenizer as a ``PreTrainedTokenizerFast``: byte-level pre-tokenisation (each byte one
-    symbol, GPT-2's byte-to-unicode table) over a BPE vocabulary of the 256 symbols, id = byte value."""
+    symbol, GPT-2's byte-to-unicode table) over a BPE vocabulary of the 256 symbols, id = byte value.
+
+    Its ``eos_token`` is the NUL byte's symbol (id 0), so that tools reading the tokenizer rather than the
+    config (lm-eval's ``HFLM``: its end-of-text, rolling-window prefix and padding ids) find it; with
+    ``split_special_tokens`` that symbol's character in a text (U+0100, ``Ā``) stays its two UTF-8 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -62,7 +66,12 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE({symbol[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=symbol[EOD[0]],
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def hf_tokenizer(tokenizer) -> tuple[Any, dict[str, int | None]]:

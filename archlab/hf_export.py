@@ -26,6 +26,8 @@ from archlab.errors import ArchlabError
 from archlab.slots import HFExport, offers
 
 ANY = "*"
+#: What a refusal tells the user to do instead: the archlab lm-eval model scores any student.
+INSTEAD = "evaluate this student with `archlab eval RUN --tasks ... --model archlab` instead"
 #: Where a sublayer slot and its pre-norm sit in each layer of a transformers decoder.
 SUBLAYER_PLACES = {"attention": ("self_attn", "input_layernorm"), "ffn": ("mlp", "post_attention_layernorm")}
 
@@ -61,7 +63,7 @@ def refusal(exc: NotExportable) -> ArchlabError:
     name = plugin_name(exc.slot, exc.module)
     return ArchlabError(
         f"archlab export --hf: {exc.slot}={name} has no stock transformers counterpart ({exc.why or exc}); "
-        "evaluate this student with `archlab eval RUN --tasks ...` instead"
+        + INSTEAD
     )
 
 
@@ -136,7 +138,7 @@ def assemble(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
         if getattr(model, "value_residual", False):
             raise ArchlabError(
                 "archlab export --hf: model.value_residual=true has no stock transformers counterpart; "
-                "evaluate this student with `archlab eval RUN --tasks ...` instead"
+                + INSTEAD
             )
         parts, tensors, labels = [], {"model.embed_tokens.weight": model.embed.weight}, {}
         for slot, prefix, module in _places(model):

@@ -64,7 +64,7 @@ def test_the_byte_tokenizer_loads_with_autotokenizer_and_ids_are_bytes(tmp_path:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == list(text.encode("utf-8"))
     assert tok.decode(ids) == text
-    assert len(tok) == 256
+    assert len(tok) == 256 and tok.eos_token_id == 0  # lm-eval's HFLM reads the tokenizer's EOS
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == 0 and config["vocab_size"] == 256
 

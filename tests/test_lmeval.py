@@ -33,15 +33,15 @@ SHAPE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", f"model.cont
 TASKS = "archlab_stdlib_choice,archlab_stdlib_perplexity"
 
 
-def save_student(run: Path, seed: int = 0):
-    """A run dir ``run`` holding one checkpoint of a random student (weights scaled up, so that greedy
-    text varies); returns that student."""
-    cfg = compose(SHAPE)
+def save_student(run: Path, seed: int = 0, *overrides: str, scale: float = 8):
+    """A run dir ``run`` holding one checkpoint of a random student (``SHAPE`` and ``overrides``; weights
+    scaled up by ``scale``, so that greedy text varies); returns that student."""
+    cfg = compose([*SHAPE, *overrides])
     torch.manual_seed(seed)
     model = build_student(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(8)
+            p.mul_(scale)
     state = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
     checkpoint.save(run / "checkpoints", 1, model, state)
     return model.eval().requires_grad_(False)
