@@ -93,15 +93,27 @@ def hf_lm(folder: Path, *, device: str, batch_size: int):
       tokenizer has one, else its EOS; ``ArchlabLM``'s is the end-of-document token, the export's
       ``config.eos_token_id``, passed explicitly;
     - length: ``max_length`` is ``config.max_position_embeddings``, the student's ``model.context``,
-      and both left-truncate ``context + continuation`` to its last ``max_length + 1`` tokens (HFLM
-      refuses a continuation longer than ``max_length``, which ``ArchlabLM`` scores in chunks).
+      and both left-truncate ``context + continuation`` to its last ``max_length + 1`` tokens. HFLM
+      cannot score a continuation longer than ``max_length`` (an ``assert``), which ``ArchlabLM`` scores
+      in chunks: such a request is refused first, naming the lengths and ``--model archlab``.
     Both right-pad a batch; causal, a row's scores never see the padding."""
     from lm_eval.models.huggingface import HFLM
 
     from archlab.trainer import resolve_device
 
+    class StockLM(HFLM):
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            longest = max((len(continuation) for _, _, continuation in requests), default=0)
+            if longest > self.max_length:
+                raise ArchlabError(
+                    f"archlab eval --model hf: an answer of {longest} tokens is longer than the student's "
+                    f"context ({self.max_length} tokens, model.context), which lm-eval's hf model cannot "
+                    "score; use --model archlab (it scores long answers in chunks)"
+                )
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+
     config = json.loads((folder / "config.json").read_text())
-    return HFLM(
+    return StockLM(
         pretrained=str(folder.resolve()),  # a path, never a Hub id: no model_sha lookup online
         device=str(resolve_device(device, key="--device")),
         batch_size=batch_size,

@@ -14,6 +14,7 @@ import torch
 
 from archlab import cli
 from archlab.downstream import hf_lm
+from archlab.errors import ArchlabError
 from archlab.export import write_hf
 from archlab.generate import generate
 from archlab.lmeval import ArchlabLM
@@ -66,6 +67,16 @@ def test_hflm_on_the_export_scores_every_request_as_the_archlab_model(tmp_path: 
     until = {"until": ["\n"], "max_gen_toks": 8}  # an empty prompt: HFLM puts no prefix token before it
     prompts = [instance("generate_until", c, until) for c, _ in asked if c]
     assert stock.generate_until(prompts, disable_tqdm=True) == ours.generate_until(prompts, disable_tqdm=True)
+
+
+def test_an_answer_longer_than_the_context_is_refused_by_name_not_by_an_assert(tmp_path: Path) -> None:
+    save_student(tmp_path / "run", scale=2)
+    ours = ArchlabLM(run=str(tmp_path / "run"), device="cpu", batch_size=3)
+    stock = hf_lm(Path(write_hf(ours.checkpoint, tmp_path / "hf")["dir"]), device="cpu", batch_size=3)
+    long = [instance("loglikelihood", "x=", "1" * (ours.max_length + 1))]
+    assert len(ours.loglikelihood(long, disable_tqdm=True)) == 1  # archlab scores it in chunks
+    with pytest.raises(ArchlabError, match=rf"answer of {ours.max_length + 1} tokens .* use --model archlab"):
+        stock.loglikelihood(long, disable_tqdm=True)
 
 
 def _scores(run_cli, source: Path, model: str, out: Path) -> dict:
