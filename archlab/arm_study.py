@@ -187,7 +187,7 @@ def domain_bpb(run_dir: Path, corpus_and_data: DictConfig, splits: dict) -> floa
 
     from archlab import checkpoint
     from archlab.evaluation import Evaluation
-    from archlab.trainer import load_split, tokenizer_for
+    from archlab.run_tokens import load_split, tokenizer_for
 
     ckpt = checkpoint.latest(run_dir)
     cfg = checkpoint.saved_config(ckpt)

@@ -187,7 +187,8 @@ def teacher(args: list[str]) -> int:
     from archlab import distributed
     from archlab.config import compose, validate
     from archlab.distill_checks import wants_in_context
-    from archlab.trainer import load_split, resolve_device, soft_targets_for
+    from archlab.run_tokens import load_split
+    from archlab.trainer import resolve_device, soft_targets_for
 
     distributed.slurm_env()
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -279,7 +280,8 @@ def generate(args: list[str]) -> int:
 
     from archlab import checkpoint, export
     from archlab.generate import generate as run_generation
-    from archlab.trainer import resolve_device, run_tokenizer
+    from archlab.run_tokens import run_tokenizer
+    from archlab.trainer import resolve_device
 
     device = resolve_device(opts.device, key="--device")
     if opts.checkpoint.endswith(".safetensors"):  # a file from `archlab export --packed`

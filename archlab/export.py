@@ -152,7 +152,7 @@ def write_hf(ckpt: Path, out: Path, *, force: bool = False) -> dict:
     """The checkpoint's student and its run's tokenizer as a transformers model directory ``out``
     (``archlab.hf_dir.write_dir``'s report); ``archlab eval --model hf`` exports through it too."""
     from archlab import checkpoint, hf_dir
-    from archlab.trainer import run_tokenizer
+    from archlab.run_tokens import run_tokenizer
 
     model = checkpoint.load_student(ckpt, torch.device("cpu"))
     return hf_dir.write_dir(model, run_tokenizer(checkpoint.saved_config(ckpt)), out, force=force)

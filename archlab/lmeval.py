@@ -36,7 +36,10 @@ from tqdm import tqdm
 from archlab import checkpoint
 from archlab.errors import ArchlabError, ConfigError
 from archlab.generate import decode, supports_kv_cache
-from archlab.trainer import resolve_device, tokenizer_for
+
+#: One scoring request: (the harness's cache key or None, context tokens, continuation tokens).
+from archlab.run_tokens import tokenizer_for
+from archlab.trainer import resolve_device
 
 #: One scoring request: (the harness's cache key or None, context tokens, continuation tokens).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]

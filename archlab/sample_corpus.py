@@ -113,7 +113,7 @@ def sample_corpus(
     Prompts are prefixes of the checkpoint's training windows, or of another corpus's
     (``corpus_overrides``, ``archlab.config.with_corpus``)."""
     from archlab.data import train_batch
-    from archlab.trainer import load_split
+    from archlab.run_tokens import load_split
 
     out = Path(out).expanduser().absolute()
     if out.exists():

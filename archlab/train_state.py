@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class TrainState:
     """The checkpoints of one run in ``run_dir``: ``save`` the trainer's state at a step, ``restore`` it.
 
-    ``lr_factor(step, t)`` is the schedule's multiplier of the peak lr (``archlab.trainer``)."""
+    ``lr_factor(step, t)`` is the schedule's multiplier of the peak lr (``archlab.optim``)."""
 
     def __init__(
         self,

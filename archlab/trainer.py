@@ -5,12 +5,11 @@ The optimizer step itself (forward, loss, backward over the micro-batches, clipp
 it the micro-batches of each step. Evaluation is ``archlab.evaluation``; checkpoints and resume are
 ``archlab.train_state``.
 
-AdamW with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) on
-matrices only (norm gains and biases are not decayed). The batch of a step is the
-training stream's windows at positions fixed by (seed, step) (``archlab.data``), and
-with a teacher the same positions index the shared soft-target cache; checkpoints hold
-weights, optimizer, scheduler and RNG state, so resuming a killed run replays exactly
-the loss curve of an uninterrupted one.
+The optimizer and its schedule are ``archlab.optim``; the run's tokens ``archlab.run_tokens``. The
+batch of a step is the training stream's windows at positions fixed by (seed, step) (``archlab.data``),
+and with a teacher the same windows' rows of the shared soft-target cache; checkpoints hold weights,
+optimizer, scheduler and RNG state, so resuming a killed run replays exactly the loss curve of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,13 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from archlab import bpe, checkpoint, distributed, plots, registry
-from archlab.bpe import BPETokenizerConfig
-from archlab.config import Schedule, TrainerConfig, tokenizer_config
-from archlab.data import TokenSplit, build_split, n_val_windows, train_batch
+from archlab import checkpoint, distributed, plots, registry
+from archlab.config import TrainerConfig
+from archlab.data import TokenSplit, n_val_windows, train_batch
 from archlab.distill_checks import wants_in_context
 from archlab.errors import ConfigError, NonFiniteLossError
 from archlab.evaluation import Evaluation
@@ -39,29 +37,14 @@ from archlab.loggers import Loggers, RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
 from archlab.onpolicy import OnPolicyStep
-from archlab.slots import BringsTokenizer, offers
+from archlab.optim import freeze_except, init_from, lr_factor, make_optimizer
+from archlab.run_tokens import load_split
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
-from archlab.tokenizer import ByteTokenizer, Tokenizer, TokenizerRecipe
 from archlab.train_state import TrainState
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, t: TrainerConfig) -> float:
-    """Multiplier of the peak lr after ``step`` optimizer steps: linear warmup, then cosine or WSD."""
-    warmup = round(t.warmup_fraction * t.max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    floor = t.min_lr_ratio
-    if t.schedule is Schedule.cosine:
-        progress = (step - warmup) / max(1, t.max_steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = t.max_steps - int(t.decay_fraction * t.max_steps)
-    if step < decay_start:
-        return 1.0
-    return 1 - (1 - floor) * (step - decay_start) / max(1, t.max_steps - decay_start)
 
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -83,99 +66,6 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     ):
         return device
     raise ConfigError(key, name, allowed)
-
-
-def freeze_except(model: torch.nn.Module, prefixes: list[str]) -> None:
-    """Train only parameters under the module-name ``prefixes`` (``trainer.train_only``); [] trains all."""
-    if not prefixes:
-        return
-    names = [name for name, _ in model.named_parameters()]
-    for prefix in prefixes:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
-            modules = sorted({name.split(".")[0] for name in names})
-            allowed = f"module-name prefixes such as {', '.join(modules)}"
-            raise ConfigError("trainer.train_only", prefix, allowed)
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(name == q or name.startswith(q + ".") for q in prefixes))
-
-
-def init_from(model: torch.nn.Module, path: str) -> None:
-    """``trainer.init_from``: copy another run's tensors whose names and shapes match; the rest keep their
-    init (e.g. new heads on a trained backbone, with ``trainer.train_only`` to freeze the backbone)."""
-    from safetensors.torch import load_file
-
-    ckpt = checkpoint.find(path, key="trainer.init_from")
-    own = model.state_dict()
-    saved = load_file(str(ckpt / "model.safetensors"))
-    matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ConfigError("trainer.init_from", path, "a checkpoint sharing parameter names with this student")
-    model.load_state_dict(matched, strict=False)
-    log.info("initialised %d of %d tensors from %s", len(matched), len(own), ckpt)
-
-
-def make_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.AdamW:
-    trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.dim() >= 2]
-    no_decay = [p for p in trained if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
-
-
-def tokenizer_for(cfg: DictConfig) -> Tokenizer | TokenizerRecipe:
-    """The ``tokenizer`` section's: bytes, or a BPE (its recipe until trained, archlab.bpe); a teacher
-    that brings its own tokenizer (``tokenizer(cfg)``) imposes it, with ``tokenizer=bytes`` only."""
-    spec = tokenizer_config(cfg)
-    if cfg.teacher.plugin != "none":
-        teacher_cls, teacher_cfg = registry.configured("teacher", cfg.teacher)
-        if offers(teacher_cls, BringsTokenizer):
-            if spec.kind != ByteTokenizer.name:
-                allowed = (
-                    f"bytes (the default) with teacher={cfg.teacher.plugin}: the student takes its tokenizer"
-                )
-                raise ConfigError("tokenizer", spec.kind, allowed)
-            return teacher_cls.tokenizer(teacher_cfg)
-    return bpe.from_config(spec) if isinstance(spec, BPETokenizerConfig) else ByteTokenizer()
-
-
-def run_tokenizer(cfg: DictConfig) -> Tokenizer:
-    """The tokenizer a trained run's saved config names (``tokenizer.path`` for a learnt BPE)."""
-    tokenizer = tokenizer_for(cfg)
-    if isinstance(tokenizer, TokenizerRecipe):
-        raise ConfigError("tokenizer.path", None, "the tokenizer.json the run learnt (its config records it)")
-    return tokenizer
-
-
-def load_split(cfg: DictConfig) -> TokenSplit:
-    """The run's corpus, tokenised, split and cached as its ``corpus``, ``tokenizer`` and ``data`` say.
-
-    Tokens are bytes unless ``tokenizer=bpe`` or the teacher brings a tokenizer; then the student's
-    ``model.vocab_size`` becomes that tokenizer's vocabulary, and a BPE learnt here is recorded as
-    ``tokenizer.path`` so that the run's saved config finds it (generate, sample-corpus, export).
-    """
-    corpus_cls, corpus_cfg = registry.configured("corpus", cfg.corpus)
-    tokenizer = tokenizer_for(cfg)
-    if tokenizer.name == ByteTokenizer.name and cfg.model.vocab_size < ByteTokenizer.vocab_size:
-        allowed = f"at least the vocabulary of the bytes tokenizer ({ByteTokenizer.vocab_size})"
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size, allowed)
-    d = cfg.data
-    split = build_split(
-        corpus_cls(corpus_cfg),
-        val_fraction=d.val_fraction,
-        max_bytes=d.max_bytes,
-        cache_dir=d.cache_dir,
-        tokenizer=tokenizer,
-    )
-    learnt = split.tokenizer
-    with open_dict(cfg):
-        if isinstance(tokenizer, TokenizerRecipe):
-            cfg.tokenizer.path = str(learnt.path)
-        if learnt.name != ByteTokenizer.name and cfg.model.vocab_size != learnt.vocab_size:
-            log.info(
-                "model.vocab_size set to %d, the %s tokenizer's vocabulary", learnt.vocab_size, learnt.name
-            )
-            cfg.model.vocab_size = learnt.vocab_size
-    return split
 
 
 def teacher_env(cfg: DictConfig, split: TokenSplit, device: torch.device, progress: bool) -> TeacherEnv:

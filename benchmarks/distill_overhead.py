@@ -90,9 +90,10 @@ from archlab import registry
 from archlab.config import compose, validate
 from archlab.data import TokenSplit, train_batch
 from archlab.loggers import RunInfo
+from archlab.run_tokens import load_split
 from archlab.soft_targets import SoftTargets
 from archlab.teacher import TeacherEnv
-from archlab.trainer import Trainer, load_split, resolve_device, soft_targets_for
+from archlab.trainer import Trainer, resolve_device, soft_targets_for
 
 TARGET_RATIO = 1.10
 #: Median / fastest step above which the report warns that the machine was busy.

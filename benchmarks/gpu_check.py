@@ -64,7 +64,10 @@ from archlab.kernels import Kernel, eager_attention, sdpa_attention, select_kern
 from archlab.loggers import RunInfo
 from archlab.metrics import model_metrics
 from archlab.model import build_student
-from archlab.trainer import Trainer, load_split
+
+#: Relative error (max |got − ref| / max |ref|) allowed per dtype of the kernel's inputs.
+from archlab.run_tokens import load_split
+from archlab.trainer import Trainer
 
 #: Relative error (max |got − ref| / max |ref|) allowed per dtype of the kernel's inputs.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

@@ -41,8 +41,9 @@ from archlab.data import windows
 from archlab.generate import generate
 from archlab.loggers import RunInfo
 from archlab.model import Student
+from archlab.run_tokens import load_split
 from archlab.speculative import generate_speculative, parse_widths
-from archlab.trainer import Trainer, load_split
+from archlab.trainer import Trainer
 
 SHAPE = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.context=256"]
 TRAIN = ["head=medusa", "teacher=none", "objective=ce", "logger=none", "trainer.progress=false"]

@@ -43,7 +43,7 @@ from archlab import registry
 from archlab.config import compose
 from archlab.metrics import model_metrics
 from archlab.model import Student, build_student
-from archlab.trainer import make_optimizer
+from archlab.optim import make_optimizer
 
 TARGET_RATIO = 1.5
 PROBE_WIDTHS = (256, 512)

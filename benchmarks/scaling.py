@@ -65,7 +65,8 @@ from archlab import distributed
 from archlab.config import compose
 from archlab.data import TokenSplit
 from archlab.loggers import RunInfo
-from archlab.trainer import Trainer, load_split
+from archlab.run_tokens import load_split
+from archlab.trainer import Trainer
 
 TARGET_DDP_OVERHEAD = 1.05
 LOSS_RTOL = 1e-5

@@ -44,8 +44,9 @@ from timing import publish
 from archlab import registry
 from archlab.config import compose
 from archlab.data import windows
+from archlab.run_tokens import load_split
 from archlab.soft_targets import SoftTargets, top_k_targets
-from archlab.trainer import load_split, resolve_device, teacher_env
+from archlab.trainer import resolve_device, teacher_env
 
 VARIANTS = ("copy", "on-device")
 

@@ -10,7 +10,7 @@ What is measured
     "identical architecture" is checked rather than claimed.
 
     Both models train on the same random-byte batch with the same AdamW settings
-    (``archlab.trainer.make_optimizer``'s groups and the config's lr, betas and decay).
+    (``archlab.optim.make_optimizer``'s groups and the config's lr, betas and decay).
     The archlab step is the trainer's inner step (``new_context``, the objective plugin,
     aux losses); work the trainer does around it (data loading, gradient clipping, the
     lr schedule, logging) is left out of both.
@@ -63,7 +63,7 @@ from archlab.config import TrainerConfig, compose
 from archlab.kernels import select_kernel
 from archlab.metrics import model_metrics
 from archlab.model import Student, build_student
-from archlab.trainer import make_optimizer
+from archlab.optim import make_optimizer
 
 LAYER_SLOTS = ("attention", "ffn")  # each layer's sublayers with memory=none (archlab.slots order)
 

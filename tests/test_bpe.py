@@ -15,10 +15,10 @@ from archlab.bpe import EOD_TOKEN, BPERecipe, BPETokenizer, BPETokenizerConfig, 
 from archlab.config import compose  # noqa: E402
 from archlab.data import _is_val, build_split  # noqa: E402
 from archlab.errors import ConfigError  # noqa: E402
+from archlab.run_tokens import tokenizer_for  # noqa: E402
 from archlab.teacher import TeacherEnv  # noqa: E402
 from archlab.teachers.ngram import NGramTeacher  # noqa: E402
 from archlab.tokenizer import ByteTokenizer  # noqa: E402
-from archlab.trainer import tokenizer_for  # noqa: E402
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n" * 6,

@@ -19,7 +19,8 @@ from archlab import registry  # noqa: E402
 from archlab.config import compose  # noqa: E402
 from archlab.errors import ConfigError  # noqa: E402
 from archlab.loggers import RunInfo  # noqa: E402
-from archlab.trainer import Trainer, load_split  # noqa: E402
+from archlab.run_tokens import load_split  # noqa: E402
+from archlab.trainer import Trainer  # noqa: E402
 
 TEXT = "def f{i}(x):\n    return x * {i} + 1  # café {i}\n"
 

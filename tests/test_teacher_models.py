@@ -14,8 +14,9 @@ from archlab.config import compose
 from archlab.errors import ConfigError
 from archlab.loggers import RunInfo
 from archlab.model import build_student
+from archlab.run_tokens import load_split
 from archlab.teacher import TeacherEnv
-from archlab.trainer import Trainer, load_split, soft_targets_for, teacher_env
+from archlab.trainer import Trainer, soft_targets_for, teacher_env
 
 SMALL = [
     "model.d_model=32",

