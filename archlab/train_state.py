@@ -73,12 +73,10 @@ class TrainState:
             return checkpoint.save(self.ckpt_root, step, self.model, state)
         return checkpoint.save_sharded(self.ckpt_root, step, self.model, self.optimizer, state, self.ranks)
 
-    def restore(self, ckpt: Path) -> tuple[int, str | None]:
-        """Load checkpoint ``ckpt`` into model, optimizer, scheduler and RNG; returns its step and W&B id."""
-        state = checkpoint.read_state(ckpt)
-        new = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-        saved_world = state.get("world_size", 1)  # checkpoints before trainer.parallel: one process
-        changed = resume.check(ckpt, state["config"], new, saved_world, self.ranks.world_size)
+    def restore(self, ckpt: Path, state: dict) -> tuple[int, str | None]:
+        """Load checkpoint ``ckpt`` (its ``state.pt`` already read: ``read_resumable``) into model,
+        optimizer, scheduler and RNG; returns its step and W&B id."""
+        changed = _changes(ckpt, state, self.cfg, self.ranks.world_size)
         if checkpoint.is_sharded(ckpt):
             checkpoint.load_sharded(ckpt, self.model, self.optimizer)
         else:
@@ -112,23 +110,6 @@ class TrainState:
         self.scheduler.base_lrs = [t.lr] * len(groups)
         self.scheduler._last_lr = [group["lr"] for group in groups]
 
-    def resume_point(self) -> Path | None:
-        """The checkpoint to resume from; refuses to start afresh over an earlier run's results."""
-        if self.t.resume is None:
-            summary = self.run_dir / "summary.json"
-            earlier = (
-                sorted(p.name for p in self.ckpt_root.glob("step_*")) + ["summary.json"] * summary.exists()
-            )
-            if earlier:
-                raise ArchlabError(
-                    f"run dir {self.run_dir} already holds an earlier run ({', '.join(earlier)}); "
-                    "pass trainer.resume=auto to continue it, or a new hydra.run.dir for a new run"
-                )
-            return None
-        if self.t.resume == "auto":
-            return checkpoint.latest(self.run_dir)
-        return checkpoint.find(self.t.resume)
-
     def finished_summary(self, step: int) -> dict | None:
         """The summary of a run resumed at its last step, if it has one (nothing is left to train)."""
         path = self.run_dir / "summary.json"
@@ -139,3 +120,36 @@ class TrainState:
         except ValueError:
             return None
         return summary if isinstance(summary, dict) and "val/bpb" in summary else None
+
+
+def resume_point(t: TrainerConfig, run_dir: Path) -> Path | None:
+    """The checkpoint a run in ``run_dir`` resumes from; refuses to start afresh over an earlier run's
+    results."""
+    if t.resume is None:
+        summary = run_dir / "summary.json"
+        earlier = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+        earlier += ["summary.json"] * summary.exists()
+        if earlier:
+            raise ArchlabError(
+                f"run dir {run_dir} already holds an earlier run ({', '.join(earlier)}); "
+                "pass trainer.resume=auto to continue it, or a new hydra.run.dir for a new run"
+            )
+        return None
+    if t.resume == "auto":
+        return checkpoint.latest(run_dir)
+    return checkpoint.find(t.resume)
+
+
+def _changes(ckpt: Path, state: dict, cfg: DictConfig, world: int) -> dict[str, tuple[object, object]]:
+    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    saved_world = state.get("world_size", 1)  # checkpoints before trainer.parallel: one process
+    return resume.check(ckpt, state["config"], new, saved_world, world)
+
+
+def read_resumable(ckpt: Path, cfg: DictConfig, world: int) -> dict:
+    """``ckpt``'s state.pt, once ``archlab.resume`` accepts resuming it with ``cfg`` on ``world`` ranks
+    (``ResumeError`` or ``ConfigError`` otherwise): called before the run builds its teacher's targets,
+    so that a resume it cannot make costs no teacher work."""
+    state = checkpoint.read_state(ckpt)
+    _changes(ckpt, state, cfg, world)
+    return state

@@ -42,7 +42,7 @@ from archlab.run_tokens import load_split
 from archlab.soft_targets import TargetCache, TargetRequest, build_or_load
 from archlab.step import MicroBatch, NonFiniteStep, OptimizerStep
 from archlab.teacher import TeacherEnv
-from archlab.train_state import TrainState
+from archlab.train_state import TrainState, read_resumable, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.split = split or load_split(cfg)
         log.info(self.split.report())
+        # where to resume, checked now against the config the split completed (vocabulary, tokenizer)
+        self.resume_from = resume_point(self.t, info.run_dir)
+        self.resume_state = (
+            read_resumable(self.resume_from, cfg, self.ranks.world_size) if self.resume_from else None
+        )
         init_seed = cfg.model.init_seed
         torch.manual_seed(cfg.seed if init_seed is None else init_seed)
         self.model = build_student(cfg).to(self.device)
@@ -280,19 +285,22 @@ class Trainer:
         """Checkpoint this step (``archlab.train_state``); under ddp/fsdp every rank takes part."""
         return self.state.save(self.step, wandb_id)
 
-    def restore(self, ckpt: Path) -> str | None:
-        """Load a checkpoint into model, optimizer, scheduler and RNG; returns its W&B run id."""
-        self.step, wandb_id = self.state.restore(ckpt)
+    def restore(self, ckpt: Path, state: dict | None = None) -> str | None:
+        """Load a checkpoint (and its ``state.pt``, if already read) into model, optimizer, scheduler and
+        RNG; returns its W&B run id."""
+        state = state or read_resumable(ckpt, self.cfg, self.ranks.world_size)
+        self.step, wandb_id = self.state.restore(ckpt, state)
         return wandb_id
 
     def run(self) -> dict:
         """Train to ``max_steps`` (resuming if asked), evaluate, log and return the summary: rank 0's,
         on every rank. Every rank steps, evaluates and checkpoints (FSDP's forwards and DCP's writes are
         collectives); rank 0 alone logs, plots and publishes the checkpoints."""
-        ckpt = self.state.resume_point()
+        ckpt = self.resume_from
         if self.ranks.is_main:
             checkpoint.remove_partial(self.state.ckpt_root)
-        wandb_id = self.restore(ckpt) if ckpt else None
+        wandb_id = self.restore(ckpt, self.resume_state) if ckpt else None
+        self.resume_state = None  # its tensors are the model's and optimizer's now
         done = self.state.finished_summary(self.step)
         if done is not None:
             log.info("run finished at step %d already; its summary.json is kept", self.step)

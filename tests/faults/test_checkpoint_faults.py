@@ -103,10 +103,11 @@ def test_a_changed_lr_is_applied_on_resume_and_recorded(run_dir, make_trainer) -
     assert entry["changed"]["trainer.max_steps"] == {"checkpoint": 6, "now": 8}
 
 
-def test_a_resume_that_would_change_the_model_or_data_is_refused(run_dir, make_trainer) -> None:
-    changed = make_trainer(run_dir, *STEPS, "model.d_model=64", "seed=3", "trainer.resume=auto")
+def test_a_resume_that_would_change_the_model_or_data_is_refused(run_dir, make_trainer, monkeypatch) -> None:
+    """Before the run builds anything for it: its teacher's targets are never asked for."""
+    monkeypatch.setattr("archlab.trainer.soft_targets_for", lambda *_: pytest.fail("teacher work began"))
     with pytest.raises(ResumeError, match=r"model.d_model=32 \(now 64\).*seed=0 \(now 3\)"):
-        changed.run()
+        make_trainer(run_dir, *STEPS, "model.d_model=64", "seed=3", "trainer.resume=auto")
 
 
 # --- a fresh run into a used run dir --------------------------------------------------------------------
@@ -115,7 +116,7 @@ def test_a_resume_that_would_change_the_model_or_data_is_refused(run_dir, make_t
 def test_a_fresh_run_into_a_run_dir_with_checkpoints_is_refused(run_dir, make_trainer) -> None:
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(ArchlabError, match="trainer.resume=auto"):
-        make_trainer(run_dir, *STEPS, "trainer.max_steps=3").run()
+        make_trainer(run_dir, *STEPS, "trainer.max_steps=3")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
