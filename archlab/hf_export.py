@@ -8,7 +8,9 @@ each (``"*"``: any type), and its tensors under transformers' names, relative to
     layer i, ffn        model.layers.{i}.mlp.        its pre-norm model.layers.{i}.post_attention_layernorm.
     final norm          model.norm.        head, residual, position: the top level (``lm_head.weight``)
 The model type is the one every part fits; a field two parts set must have one value. The position plugin
-counts only if an attention part ``reads_position`` (MLA rotates with its own tables). A part without the
+counts only if an attention part ``reads_position`` (MLA rotates with its own tables). Every projection's
+linear part counts too (a quantised one fits only the type its ``quantization_config`` serves), its
+tensors placed by the sublayer through ``linear_tensors``. A part without the
 hook, or whose hook raises ``NotExportable``, stops the export with one line naming its slot and plugin.
 The core names no plugin: the mapping of each lives beside it, in its ``hf_export``.
 """

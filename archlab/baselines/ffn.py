@@ -81,7 +81,7 @@ class MLP(nn.Module):
             }
         return HFPart(config, tensors)
 
-    def bitnet_part(self, down: dict) -> HFPart:
+    def bitnet_part(self, down: dict[str, Tensor]) -> HFPart:
         """BitNet's MLP, down_proj(ffn_sub_norm(SiLU(gate_proj x) ⊙ up_proj x)) with no bias: ``down``'s own
         input norm is ffn_sub_norm."""
         if not self.gated or "down_proj.bias" in down:

@@ -110,6 +110,10 @@ def test_a_ternary_student_has_the_same_logits_and_greedy_tokens_as_bitnet(overr
         (["linear.norm_eps=1e-5"], "rms_norm_eps=1e-05"),  # the block norms say 1e-6: one field
         (["head.tied=false", "model.linear_overrides={head: ternary}"], "role head"),
         (["model.linear_overrides={attention: dense}"], "linear=ternary fits bitnet"),
+        (
+            ["model.linear_overrides={attention.qkv: dense}"],
+            "missing ['model.layers.0.self_attn.k_proj.weight_scale'",
+        ),
         (["ffn.bias=true"], "ffn.bias=false"),
         (["ffn.activation=gelu"], "ffn.activation=swiglu"),
         (["ffn=relu2"], "ffn=relu2 fits arcee"),

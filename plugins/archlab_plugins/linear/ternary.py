@@ -181,8 +181,8 @@ class TernaryLinear(nn.Module):
         if self.bias is not None:  # AutoBitLinear scales the bias with the output: (x W̃ᵀ + b/γ)·γ
             tensors["bias"] = self.bias / gamma
         if self.norm is None:
-            return HFPart({"bitnet": {"quantization_config": BITNET_QUANTIZATION}}, tensors)
-        fields = {"quantization_config": BITNET_QUANTIZATION, "rms_norm_eps": self.norm.eps}
+            return HFPart({"bitnet": {"quantization_config": dict(BITNET_QUANTIZATION)}}, tensors)
+        fields = {"quantization_config": dict(BITNET_QUANTIZATION), "rms_norm_eps": self.norm.eps}
         return HFPart({"bitnet": fields}, tensors | {"rms_norm.weight": self.norm.weight})
 
     def extra_repr(self) -> str:
