@@ -17,12 +17,16 @@ import torch
 from archlab_plugins.linear.ternary import TernaryLinear
 from torch import Tensor, nn
 
+from archlab import cli
 from archlab.config import compose
 from archlab.errors import ArchlabError
 from archlab.hf_dir import write_dir
+from archlab.hf_export import assemble
+from archlab.loggers import RunInfo
 from archlab.model import build_student
 from archlab.testing.hf import hf_round_trip, scrambled
 from archlab.tokenizer import ByteTokenizer
+from archlab.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,3 +137,48 @@ def test_a_ternary_student_without_a_bitnet_layout_is_refused_in_one_line(
         )
     assert named in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow  # two 3-step training runs
+def test_the_cli_exports_a_trained_subln_run_and_refuses_a_bitlinear_one_with_exit_2(
+    tmp_path: Path, capsys
+) -> None:
+    train = [
+        "trainer.max_steps=3",
+        "trainer.batch_size=2",
+        "trainer.eval_tokens=128",
+        "trainer.progress=false",
+    ]
+    train += ["logger=none", "teacher=none", "objective=ce", "data.max_bytes=100000"]
+    for name, subln in (("subln", "true"), ("bitlinear", "false")):
+        cfg = compose(
+            [
+                *SMALL,
+                *train,
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "linear=ternary",
+                f"linear.subln={subln}",
+            ]
+        )
+        Trainer(cfg, RunInfo(run_dir=tmp_path / name, name=name)).run()
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "subln"), "--hf", str(tmp_path / "hf")]) == 0
+    assert "BitNetForCausalLM" in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path / "bitlinear"), "--hf", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("archlab: error:") and "linear.subln=false" in err and "\n" not in err
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_a_student_reloaded_from_its_packed_file_exports_the_same_tensors() -> None:
+    model = student("attention.bias=true")
+    _, _, before = assemble(model)
+    for module in model.modules():
+        if isinstance(module, TernaryLinear):
+            module.load_packed_state(module.packed_state())  # W̃ as the weight, γ frozen
+    _, _, after = assemble(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])
+    ]
+    assert set(before["model.layers.0.self_attn.q_proj.weight"].unique().tolist()) <= {-1.0, 0.0, 1.0}
