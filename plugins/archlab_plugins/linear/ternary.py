@@ -24,7 +24,8 @@ Export (``archlab export --hf``, subln=true only): transformers' ``bitnet`` quan
 ``autobitlinear`` form, y = ActQuant(x) weightᵀ · weight_scale (+ bias · weight_scale), so weight = W̃,
 weight_scale = γ, bias = b / γ; an out/down projection's norm gain is ``rms_norm.weight``, which the mha and
 mlp hooks place as BitNet's attn_sub_norm / ffn_sub_norm. subln=false is refused: BitNet keeps its block
-norms, and normalising twice scales each token by ≈ 1 + eps / (2 · mean(x²)).
+norms, and normalising twice scales each token by ≈ 1 + eps / (2 · mean(x²)). Checked in
+plugins/tests/test_hf_export_ternary.py.
 Departures: an optional full-precision bias; the norm has a learnable gain g (initialised to 1).
 Reference: "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (microsoft/unilm, bitnet/); checked in
 plugins/tests/test_ternary.py.
