@@ -30,6 +30,11 @@ from archlab.tokenizer import EOD, ByteTokenizer
 
 #: Largest |logit difference| the CLI accepts between the student and the loaded export (fp32).
 TOLERANCE = 1e-4
+#: A quantised export (a ``quantization_config``: int8 activations) cannot meet TOLERANCE: float noise of
+#: 1e-7 (transformers' RoPE tables, its own matmul order) moves a few activations across a rounding edge,
+#: and each such flip moves later logits by ~1e-2. The CLI asks it for the same top-1 token at this share of
+#: the positions instead; a wrong layout agrees at chance level.
+QUANTIZED_TOP1 = 0.9
 
 
 #: The first transformers major version whose classes the mappings were checked against (5.25): its
@@ -94,11 +99,16 @@ def hf_tokenizer(tokenizer) -> tuple[Any, dict[str, int | None]]:
 
 
 def check_layout(config, tensors: dict[str, Tensor]) -> None:
-    """The tensors are exactly the persistent state of the transformers class (meta device): same names,
-    same shapes; a tied head's ``lm_head.weight`` is the embedding's."""
+    """The tensors are exactly the persistent state of the transformers class (meta device, its linear
+    layers replaced as the config's quantizer does on loading): same names, same shapes; a tied head's
+    ``lm_head.weight`` is the embedding's."""
     transformers = transformers_module()
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
+    if getattr(config, "quantization_config", None):  # its projections as the quantizer loads them
+        from transformers.quantizers import AutoHfQuantizer
+
+        AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=True).preprocess_model(hf)
     expected = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -112,13 +122,16 @@ def check_layout(config, tensors: dict[str, Tensor]) -> None:
         )
 
 
-def max_logit_diff(student: nn.Module, folder: Path, tokens: Tensor) -> float:
-    """max |logits| difference between ``student`` and the export at ``folder`` loaded in fp32."""
+def compare_logits(student: nn.Module, folder: Path, tokens: Tensor) -> tuple[float, float]:
+    """(max |logit difference|, share of positions with the same top-1 token) between ``student`` and the
+    export at ``folder`` loaded in fp32."""
     transformers = transformers_module()
     transformers.utils.logging.disable_progress_bar()
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     with torch.no_grad():
-        return (hf.eval()(tokens).logits - student(tokens)).abs().max().item()
+        theirs, ours = hf.eval()(tokens).logits, student(tokens)
+    top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    return (theirs - ours).abs().max().item(), top1
 
 
 def write_dir(student: nn.Module, tokenizer, out: Path, *, force: bool) -> dict[str, Any]:
@@ -143,17 +156,21 @@ def write_dir(student: nn.Module, tokenizer, out: Path, *, force: bool) -> dict[
         tokens = torch.randint(
             0, student.dims.vocab_size, (2, min(64, student.dims.context)), generator=generator
         )
-        diff = max_logit_diff(student, tmp, tokens)
-        if not diff <= TOLERANCE:
+        diff, top1 = compare_logits(student, tmp, tokens)
+        quantized = getattr(config, "quantization_config", None) is not None
+        allowed = f"same top-1 token at >= {QUANTIZED_TOP1:.0%}, quantized" if quantized else f"{TOLERANCE:g}"
+        if not (top1 >= QUANTIZED_TOP1 if quantized else diff <= TOLERANCE):
             raise ArchlabError(
                 f"archlab export --hf: {config.architectures[0]} loaded from the export differs from the "
-                f"student by {diff:.3g} in logits (allowed {TOLERANCE:g}); nothing written to {out}"
+                f"student by {diff:.3g} in logits, same top-1 token at {top1:.1%} of positions (allowed "
+                f"{allowed}); nothing written to {out}"
             )
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n_params = sum(t.numel() for t in tensors.values())
-    return {"dir": str(out), "class": config.architectures[0], "params": n_params, "max_logit_diff": diff}
+    report = {"dir": str(out), "class": config.architectures[0], "params": n_params, "max_logit_diff": diff}
+    return report | {"top1": top1, "allowed": allowed}
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -171,7 +188,7 @@ def _publish(tmp: Path, out: Path) -> None:
 def format_report(r: dict[str, Any]) -> str:
     return (
         f"wrote {r['dir']}: {r['class']} ({r['params']:,} tensor elements, fp32) and its tokenizer\n"
-        f"  loaded back with AutoModelForCausalLM: max |logit difference| {r['max_logit_diff']:.2e} "
-        f"on random tokens (allowed {TOLERANCE:g})\n"
+        f"  loaded back with AutoModelForCausalLM: max |logit difference| {r['max_logit_diff']:.2e}, "
+        f"same top-1 token at {r['top1']:.1%} of positions, on random tokens (allowed {r['allowed']})\n"
         f"  load it with: AutoModelForCausalLM.from_pretrained({json.dumps(r['dir'])})"
     )

@@ -8,7 +8,9 @@ each (``"*"``: any type), and its tensors under transformers' names, relative to
     layer i, ffn        model.layers.{i}.mlp.        its pre-norm model.layers.{i}.post_attention_layernorm.
     final norm          model.norm.        head, residual, position: the top level (``lm_head.weight``)
 The model type is the one every part fits; a field two parts set must have one value. The position plugin
-counts only if an attention part ``reads_position`` (MLA rotates with its own tables). A part without the
+counts only if an attention part ``reads_position`` (MLA rotates with its own tables). Every projection's
+linear part counts too (a quantised one fits only the type its ``quantization_config`` serves), its
+tensors placed by the sublayer through ``linear_tensors``. A part without the
 hook, or whose hook raises ``NotExportable``, stops the export with one line naming its slot and plugin.
 The core names no plugin: the mapping of each lives beside it, in its ``hf_export``.
 """
@@ -75,19 +77,27 @@ def part_of(slot: str, module: nn.Module) -> HFPart:
 
 
 def linear_tensors(module: nn.Module, name: str) -> dict[str, Tensor]:
-    """A projection's tensors as ``{name}.weight`` (and ``{name}.bias``), through the linear plugin's hook,
-    so that a linear plugin without one (ternary, ...) refuses the export."""
+    """A projection's tensors as ``{name}.weight`` (and ``{name}.bias``, a quantised layer's scale, ...),
+    through the linear plugin's hook, so that a linear plugin without one refuses the export. A projection
+    that normalises its own input gives that norm's gain as ``{name}.rms_norm.weight``."""
     return {f"{name}.{key}": value for key, value in part_of("linear", module).tensors.items()}
 
 
 def split_rows(tensors: dict[str, Tensor], name: str, parts: dict[str, int]) -> dict[str, Tensor]:
-    """``{name}.weight``/``.bias`` of one fused projection split along its output rows into ``parts``
-    (new name -> rows, in order): archlab's fused qkv or [gate; up] as transformers' separate ones."""
+    """The tensors ``{name}.*`` of one fused projection as ``parts`` (new name -> rows, in order): weight
+    and bias split along their output rows, every other tensor (a per-tensor scale, the input's norm) the
+    same in each part. archlab's fused qkv or [gate; up] as transformers' separate ones."""
     out = {}
-    for key in ("weight", "bias"):
-        if f"{name}.{key}" in tensors:
-            pieces = tensors[f"{name}.{key}"].split(list(parts.values()), dim=0)
-            out.update({f"{new}.{key}": piece for new, piece in zip(parts, pieces, strict=True)})
+    for key, value in tensors.items():
+        if not key.startswith(f"{name}."):
+            continue
+        key = key.removeprefix(f"{name}.")
+        pieces = (
+            value.split(list(parts.values()), dim=0)
+            if key in ("weight", "bias")
+            else [value.clone() for _ in parts]
+        )
+        out.update({f"{new}.{key}": piece for new, piece in zip(parts, pieces, strict=True)})
     return out
 
 
@@ -103,6 +113,14 @@ def _places(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         places.append(("norm", f"model.layers.{layer}.{norm_name}.", norm))
     places += [("norm", "model.norm.", model.final_norm), ("residual", "", model.residual)]
     return [*places, ("head", "", model.head)]
+
+
+def _linear_parts(model: nn.Module) -> list[tuple[str, HFPart]]:
+    """The part of every projection in ``model``: its model types and config fields count too (a quantised
+    projection's ``quantization_config``, its norm's eps); its tensors came through ``linear_tensors``."""
+    names = {p.load(): name for name, p in registry.plugins("linear").items() if p.error is None}
+    linears = [m for m in model.modules() if type(m) in names]
+    return [(f"linear={names[type(m)]}", part_of("linear", m)) for m in linears]
 
 
 def _merge(chosen: str, parts: list[tuple[str, HFPart]]) -> dict[str, Any]:
@@ -149,6 +167,7 @@ def assemble(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
         if any(part.reads_position for _, part in parts):
             label = f"position={plugin_name('position', model.position)}"
             parts.append((label, part_of("position", model.position)))
+        parts += _linear_parts(model)
     except NotExportable as exc:
         raise refusal(exc) from None
     chosen = _model_type(parts)

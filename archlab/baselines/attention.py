@@ -57,13 +57,17 @@ class MultiHeadAttention(nn.Module):
         return self.out(rearrange(y, "b h t k -> b t (h k)"))
 
     def hf_export(self) -> HFPart:
-        """Llama's attention (also Arcee's, and Mixtral's without bias): qkv split into q/k/v_proj."""
+        """Llama's attention (also Arcee's, and Mixtral's without bias): qkv split into q/k/v_proj. When
+        ``out`` normalises its own input, BitNet's instead, whose attn_sub_norm is that norm."""
         rows = {"q_proj": self.n_heads * self.head_dim, "k_proj": self.n_kv_heads * self.head_dim}
         fused = linear_tensors(self.qkv, "qkv")
         tensors = split_rows(fused, "qkv", {**rows, "v_proj": rows["k_proj"]})
         tensors |= linear_tensors(self.out, "o_proj")
         fields = {"num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim}
         fields["attention_bias"] = "qkv.bias" in fused
+        if "o_proj.rms_norm.weight" in tensors:
+            tensors["attn_sub_norm.weight"] = tensors.pop("o_proj.rms_norm.weight")
+            return HFPart({"bitnet": fields}, tensors, reads_position=True)
         types = ("llama", "arcee") if fields["attention_bias"] else ("llama", "arcee", "mixtral")
         return HFPart({t: fields for t in types}, tensors, reads_position=True)
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from archlab.context import ForwardContext, ModelDims
 from archlab.errors import ConfigError
-from archlab.hf_export import HFPart, linear_tensors, split_rows
+from archlab.hf_export import HFPart, NotExportable, linear_tensors, split_rows
 
 
 class Activation(Enum):
@@ -65,6 +65,8 @@ class MLP(nn.Module):
         gate_proj and up_proj; GELU (exact, erf): Arcee's ungated MLP with hidden_act=gelu."""
         f, down = self.hidden, linear_tensors(self.down, "down_proj")
         fields = {"intermediate_size": f, "mlp_bias": "down_proj.bias" in down}
+        if "down_proj.rms_norm.weight" in down:
+            return self.bitnet_part(down)
         if not self.gated:
             return HFPart(
                 {"arcee": fields | {"hidden_act": "gelu"}}, linear_tensors(self.up, "up_proj") | down
@@ -78,3 +80,15 @@ class MLP(nn.Module):
                 "first_k_dense_replace": self.n_layers,
             }
         return HFPart(config, tensors)
+
+    def bitnet_part(self, down: dict[str, Tensor]) -> HFPart:
+        """BitNet's MLP, down_proj(ffn_sub_norm(SiLU(gate_proj x) ⊙ up_proj x)) with no bias: ``down``'s own
+        input norm is ffn_sub_norm."""
+        if not self.gated or "down_proj.bias" in down:
+            why = "BitNet's MLP is gated (SwiGLU here) and has no bias: ffn.activation=swiglu ffn.bias=false"
+            raise NotExportable("ffn", self, why)
+        f = self.hidden
+        tensors = split_rows(linear_tensors(self.up, "up"), "up", {"gate_proj": f, "up_proj": f})
+        sub_norm = down.pop("down_proj.rms_norm.weight")
+        tensors |= down | {"ffn_sub_norm.weight": sub_norm}
+        return HFPart({"bitnet": {"intermediate_size": f, "hidden_act": "silu"}}, tensors)

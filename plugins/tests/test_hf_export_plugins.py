@@ -71,7 +71,6 @@ def test_a_plugin_student_has_the_same_logits_and_greedy_tokens_in_transformers(
         (["residual=hyper"], "residual=hyper"),
         (["head=medusa"], "head=medusa"),
         (["memory=engram", "memory.layers=[1]"], "memory=engram"),
-        (["linear=ternary", "linear.subln=true"], "linear=ternary"),
         (["ffn=moe", "ffn.router=expert_choice"], "router=expert_choice"),
         ([*AUX_FREE, "ffn.capacity_factor=1.25", *MLA], "capacity_factor=1.25"),
         (["ffn=moe"], "router=softmax_topk"),  # softmax routing and shared experts: no one class has both

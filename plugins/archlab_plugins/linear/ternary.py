@@ -20,6 +20,12 @@ a norm.
 Inference. ``packed_state()`` stores W̃ at 2 bits per weight plus γ (packing.py); ``load_packed_state`` puts
 W̃ back and freezes γ (recomputing mean|W| from W̃·γ would change it). ``weight_bytes()`` always reports the
 packed size, so density per weight byte judges a ternary student by what it ships.
+Export (``archlab export --hf``, subln=true only): transformers' ``bitnet`` quantizer in its offline
+``autobitlinear`` form, y = ActQuant(x) weightᵀ · weight_scale (+ bias · weight_scale), so weight = W̃,
+weight_scale = γ, bias = b / γ; an out/down projection's norm gain is ``rms_norm.weight``, which the mha and
+mlp hooks place as BitNet's attn_sub_norm / ffn_sub_norm. subln=false is refused: BitNet keeps its block
+norms, and normalising twice scales each token by ≈ 1 + eps / (2 · mean(x²)). Checked in
+plugins/tests/test_hf_export_ternary.py.
 Departures: an optional full-precision bias; the norm has a learnable gain g (initialised to 1).
 Reference: "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (microsoft/unilm, bitnet/); checked in
 plugins/tests/test_ternary.py.
@@ -33,11 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archlab.api import RESIDUAL_OUTPUT_ROLES, ConfigError, RMSNorm
+from archlab.api import RESIDUAL_OUTPUT_ROLES, ConfigError, HFPart, NotExportable, RMSNorm
 from archlab_plugins.linear.packing import pack_ternary, packed_nbytes, unpack_ternary
 
 #: Bytes of the per-tensor scale γ in the packed format (float32).
 SCALE_BYTES = 4
+#: transformers' ``BitNetQuantConfig`` whose ``AutoBitLinear`` computes this layer from W̃ and γ as stored.
+BITNET_QUANTIZATION = {
+    "quant_method": "bitnet",
+    "linear_class": "autobitlinear",
+    "quantization_mode": "offline",
+}
+#: What BitNet's ActQuant hard-codes: 8-bit activations, max|x| floored at 1e-5.
+BITNET_ACTIVATION_BITS, BITNET_EPS = 8, 1e-5
 
 
 def ternarize(w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -78,6 +92,7 @@ class TernaryLinear(nn.Module):
         super().__init__()
         cfg.validate()
         self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
+        self.cfg, self.role = cfg, role
         self.eps, self.q_max = cfg.eps, 2 ** (cfg.activation_bits - 1) - 1
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -147,6 +162,29 @@ class TernaryLinear(nn.Module):
         others = [p for name, p in self.named_parameters() if name != "weight"]
         rest = sum(p.numel() * p.element_size() for p in others)
         return packed_nbytes(self.weight.numel()) + SCALE_BYTES + rest
+
+    def hf_export(self) -> HFPart:
+        """An ``AutoBitLinear`` of ``BitNetForCausalLM`` (see "Export"); ``NotExportable`` says why not."""
+        cfg, why = self.cfg, ""
+        if not cfg.subln:
+            why = "linear.subln=false: BitNet normalises each sublayer input in its block norm and again in "
+            why += "every projection (use_rms_norm), which scales tokens by about 1 + eps/(2 mean(x²))"
+        elif cfg.activation_bits != BITNET_ACTIVATION_BITS:
+            why = f"linear.activation_bits={cfg.activation_bits}: BitNet's ActQuant is 8-bit only"
+        elif cfg.eps != BITNET_EPS:
+            why = f"linear.eps={cfg.eps:g}: BitNet's ActQuant floors max|x| at {BITNET_EPS:g}"
+        elif self.role == "head":
+            why = "role head: BitNet's quantizer keeps lm_head full precision (modules_to_not_convert)"
+        if why:
+            raise NotExportable("linear", self, why)
+        w_tern, gamma = self.ternary_weight()
+        tensors = {"weight": w_tern, "weight_scale": gamma.reshape(1)}
+        if self.bias is not None:  # AutoBitLinear scales the bias with the output: (x W̃ᵀ + b/γ)·γ
+            tensors["bias"] = self.bias / gamma
+        if self.norm is None:
+            return HFPart({"bitnet": {"quantization_config": dict(BITNET_QUANTIZATION)}}, tensors)
+        fields = {"quantization_config": dict(BITNET_QUANTIZATION), "rms_norm_eps": self.norm.eps}
+        return HFPart({"bitnet": fields}, tensors | {"rms_norm.weight": self.norm.weight})
 
     def extra_repr(self) -> str:
         frozen = ", frozen" if self.frozen_scale is not None else ""
