@@ -702,3 +702,24 @@ def test_a_flops_budget_compares_training_flops_to_within_a_step(tmp_path) -> No
         check_shared(load_runs([base, off]), "flops")
     with pytest.raises(ConfigError, match="--budget"):
         check_shared(load_runs([base]), "steps")
+
+
+def test_runs_of_different_tokenizers_are_compared_only_when_asked_and_then_noted(tmp_path) -> None:
+    a = run_dir(tmp_path / "a", bpb=2.0, n=1e5)
+    b = run_dir(tmp_path / "b", bpb=2.1, n=1e5)
+    summary = json.loads((b / "summary.json").read_text())
+    (b / "summary.json").write_text(json.dumps({**summary, "corpus/tokenizer": "bpe:abc"}))
+    with pytest.raises(
+        ConfigError, match="corpus/tokenizer.*bytes in .* but bpe:abc in .*--across-tokenizers"
+    ):
+        check_shared(load_runs([a, b]))
+    runs = load_runs([a, b])
+    check_shared(runs, across_tokenizers=True)
+    assert any("2 tokenizers (bpe:abc, bytes)" in line for line in notes(runs, None))
+
+
+def test_an_unbounded_density_estimate_draws_an_arrow_not_a_crash(study_result, tmp_path) -> None:
+    study = json.loads(json.dumps(study_result))
+    study["students"][-1].update(density=math.inf, density_lo=0.4, density_hi=math.inf)
+    calibration.density_plot(study).save(tmp_path / "density.png")  # matplotlib raised StopIteration
+    assert (tmp_path / "density.png").stat().st_size > 0

@@ -110,18 +110,20 @@ def write_report(
     extra_notes: list[str] | None = None,
     study: dict | None = None,
     budget: str = "tokens",
+    across_tokenizers: bool = False,
 ) -> Path:
     """Write ``index.html`` (self-contained), ``report.md``, the PNGs with a CSV of each one's data,
     ``fit.json`` and ``runs.json``, each atomically.
 
     Refuses runs that differ in teacher, objective, data or ``budget`` (``check_shared``: tokens, or
-    flops for ``archlab study --budget flops``). Fills each run's ``density`` from ``fit``. With ``study``
+    flops for ``archlab study --budget flops``), or in tokenizer unless ``across_tokenizers``.
+    Fills each run's ``density`` from ``fit``. With ``study``
     (``archlab study``'s study.json) the calibration panel, the verdicts, the Δbpb forest plot and the
     density intervals come first. Returns the path of ``index.html``.
     """
     if not runs:
         raise ConfigError("RUN_DIRS", "[]", "at least one finished run (a run dir with summary.json)")
-    check_shared(runs, budget)
+    check_shared(runs, budget, across_tokenizers)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
@@ -190,6 +192,11 @@ def main(args: list[str]) -> int:
         help="what every run must share: training tokens (default), or training FLOPs (tokens × "
         "train_flops_per_token, to within one step), as archlab study --budget flops trains its arms",
     )
+    parser.add_argument(
+        "--across-tokenizers",
+        action="store_true",
+        help="compare runs whose tokenizers differ, on bits per byte (the report says so); refused otherwise",
+    )
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report (needs credentials)")
     parser.add_argument("--project", help="W&B project (default: the runs' logger.project)")
     parser.add_argument("--entity", help="W&B entity (default: the runs' logger.entity, else yours)")
@@ -201,11 +208,19 @@ def main(args: list[str]) -> int:
     out = check_out(Path(opts.out or Path(opts.runs[0]) / "report"), directory=True)
     skipped: list[str] = []
     runs = load_runs(opts.runs, skipped)
-    check_shared(runs, opts.budget)  # before a ladder dir's fit, which takes a while
+    across = opts.across_tokenizers
+    check_shared(runs, opts.budget, across)  # before a ladder dir's fit, which takes a while
     fit = None
     if opts.ladder:
-        fit = load_ladder(opts.ladder, n_boot=opts.n_boot, notes=skipped, students=runs, budget=opts.budget)
-    index = write_report(runs, fit, out, extra_notes=skipped, budget=opts.budget)
+        fit = load_ladder(
+            opts.ladder,
+            n_boot=opts.n_boot,
+            notes=skipped,
+            students=runs,
+            budget=opts.budget,
+            across_tokenizers=across,
+        )
+    index = write_report(runs, fit, out, extra_notes=skipped, budget=opts.budget, across_tokenizers=across)
     print(f"report: {index} (and {index.with_name('report.md').name}, PNGs beside it)")
     for line in notes(runs, fit):
         print(f"note: {line}")

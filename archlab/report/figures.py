@@ -185,6 +185,9 @@ def interval_mark(
             "interval\nunknown", xy, textcoords="offset points", xytext=(0, 4), fontsize=6, ha="center"
         )
         return
+    if math.isinf(value):  # the estimate itself unbounded (a loss below the fit's floor): lo to the edge
+        _arrow_to_edge(ax, at, lo, vertical=vertical, color=color)
+        return
     lo = min(lo, value)  # the estimate can sit (by rounding, or truly) outside its bootstrap interval
     below, above = value - lo, 0.0 if math.isinf(hi) else max(hi - value, 0.0)
     err = [[below], [above]]
@@ -192,18 +195,22 @@ def interval_mark(
         ax.errorbar([at], [value], yerr=err, fmt="none", ecolor=color, capsize=3)
     else:
         ax.errorbar([value], [at], xerr=err, fmt="none", ecolor=color, capsize=3)
-    if math.isinf(hi):  # from the value to the axis edge
-        edge = (at, 1.0) if vertical else (1.0, at)
-        coords = ax.get_xaxis_transform() if vertical else ax.get_yaxis_transform()
-        start = (at, value) if vertical else (value, at)
-        ax.annotate(
-            "",
-            edge,
-            xycoords=coords,
-            xytext=start,
-            textcoords="data",
-            arrowprops={"arrowstyle": "-|>", "color": color},
-        )
+    if math.isinf(hi):
+        _arrow_to_edge(ax, at, value, vertical=vertical, color=color)
+
+
+def _arrow_to_edge(ax: Axes, at: float, start: float, *, vertical: bool, color: str) -> None:
+    """An arrow from ``start`` (data) at position ``at`` to the axis edge: an unbounded interval end."""
+    edge = (at, 1.0) if vertical else (1.0, at)
+    coords = ax.get_xaxis_transform() if vertical else ax.get_yaxis_transform()
+    ax.annotate(
+        "",
+        edge,
+        xycoords=coords,
+        xytext=(at, start) if vertical else (start, at),
+        textcoords="data",
+        arrowprops={"arrowstyle": "-|>", "color": color},
+    )
 
 
 def density_bars(runs: list[Run]) -> Plot:

@@ -150,6 +150,7 @@ def load_ladder(
     notes: list[str] | None = None,
     students: list[Run] = (),
     budget: str = "tokens",
+    across_tokenizers: bool = False,
 ) -> LadderFit:
     """A saved fit (``*.json``) or a fit of the ladder multirun's runs (N non-embedding, val bpb); those
     runs must have been trained like ``students`` (``check_shared``), or their curve measures nothing."""
@@ -162,7 +163,7 @@ def load_ladder(
                 "--ladder", str(path), f"a fit.json written by archlab report ({exc!r})"
             ) from None
     runs = load_runs([path], notes)
-    check_shared([*students, *runs], budget)
+    check_shared([*students, *runs], budget, across_tokenizers)
     return fit_ladder([r.n for r in runs], [r.bpb for r in runs], n_boot=n_boot)
 
 
@@ -233,19 +234,37 @@ def _budget(run: Run, budget: str) -> tuple[float, float]:
     return tokens * per_token, step * per_token
 
 
-def check_shared(runs: list[Run], budget: str = "tokens") -> None:
+def tokenizer_of(run: Run) -> str:
+    """The run's tokenizer as its summary names it (``bytes``, ``bpe:<hash of tokenizer.json>``, a
+    teacher's); runs from before archlab learnt other tokenizers read bytes."""
+    return str(run.summary.get("corpus/tokenizer", "bytes"))
+
+
+def check_shared(runs: list[Run], budget: str = "tokens", across_tokenizers: bool = False) -> None:
     """Refuse runs that differ in teacher, objective, data (``SHARED``) or training budget, with one line
     naming the first differing key, both values and both runs: their bpb differences would not be the
     architecture's. Refusing, not splitting: a report's ladder fit and its notes hold for one set.
 
     ``budget``: ``tokens`` (equal ``train/tokens``, what ``archlab report`` compares) or ``flops`` (equal
     training FLOPs, what ``archlab study --budget flops`` gives each arm by changing its steps).
+    Runs with different tokenizers are refused too unless ``across_tokenizers`` (``archlab report
+    --across-tokenizers``): bits per byte count the same UTF-8 bytes under any tokenizer, but a tokenizer
+    changes the model (its vocabulary) as much as the data, so the report must say it (``tables.notes``).
     """
     if budget not in BUDGETS:
         raise ConfigError("--budget", budget, " or ".join(BUDGETS))
     if not runs:
         return
-    first, ref = runs[0], _shared(runs[0])
+    first = runs[0]
+    other = next((r for r in runs if tokenizer_of(r) != tokenizer_of(first)), None)
+    if other is not None and not across_tokenizers:
+        raise ConfigError(
+            "corpus/tokenizer",
+            f"{tokenizer_of(first)} in {first.path} but {tokenizer_of(other)} in {other.path}",
+            "one tokenizer in every run of a report, or --across-tokenizers to compare them on bits per "
+            "byte (the report then says so)",
+        )
+    ref = _shared(first)
     ref_budget, ref_slack = _budget(first, budget)
     for run in runs[1:]:
         values = _shared(run)

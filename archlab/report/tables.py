@@ -8,7 +8,7 @@ import itertools
 import math
 
 from archlab.density import LadderFit
-from archlab.report.runs import Run, teacher_bpbs
+from archlab.report.runs import Run, teacher_bpbs, tokenizer_of
 
 # (header, summary key) of the measured columns, in table order
 COLUMNS = (
@@ -98,6 +98,12 @@ THROUGHPUT_CAVEAT = (
 def notes(runs: list[Run], fit: LadderFit | None) -> list[str]:
     """Everything that limits how far the numbers can be trusted."""
     out = [THROUGHPUT_CAVEAT] if any("tokens_per_s" in r.summary for r in runs) else []
+    tokenizers = sorted({tokenizer_of(r) for r in runs})
+    if len(tokenizers) > 1:
+        out.append(
+            f"the runs use {len(tokenizers)} tokenizers ({', '.join(tokenizers)}): they are compared on "
+            "bits per byte, which count the same UTF-8 bytes under each; val/loss (nats per token) does not"
+        )
     if fit is None:
         out.append("no ladder given (--ladder): no effective sizes or densities, only bpb vs parameters")
         return out
