@@ -242,13 +242,18 @@ def _problem(path: Path, req: TargetRequest, split: TokenSplit) -> str | None:
     return None
 
 
+def _memmaps(path: Path, meta: dict, mode: str) -> dict[str, np.memmap]:
+    """The cache files under ``path`` that ``meta`` describes, memory-mapped with ``mode``."""
+    return {
+        name: np.memmap(path / f"{name}.bin", dtype=dtype, mode=mode, shape=shape)
+        for name, (shape, dtype) in _shapes(meta).items()
+    }
+
+
 def _open(path: Path, req: TargetRequest, split: TokenSplit) -> TargetCache:
     """The verified cache at ``path`` as run ``req`` reads it."""
     meta = read_meta(path, _META)
-    arrays = {
-        name: np.memmap(path / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
-        for name, (shape, dtype) in _shapes(meta).items()
-    }
+    arrays = _memmaps(path, meta, "r")
     n = req.val_windows
     bits = math.fsum(arrays["val_nats"][:n]) / math.log(2)
     bpb = bits / float(split.val_window_bytes(req.context, n).sum())
@@ -434,14 +439,15 @@ def _fill_share(plan: _Plan, teacher, split: TokenSplit, crew: _Crew, progress: 
     crew.listening = True  # for rank 0's word on the publication
 
 
-def _plan(path: Path, teacher, split: TokenSplit, req: TargetRequest, old: TargetCache | None) -> _Plan:
+def _plan(path: Path, teacher, split: TokenSplit, req: TargetRequest, old: tuple[dict, dict] | None) -> _Plan:
     """What a build of ``path`` for ``req`` computes, in a fresh temporary directory holding ``old``'s
     rows already (copied, not moved: readers of the published cache keep it until they close it)."""
     c = req.context
     wanted = needed_windows(n_train_windows(split.train, c), req.seed, req.train_windows)
-    kept = np.empty(0, np.int64) if old is None else np.asarray(old.arrays["train_index"])
-    size = req.batch_size if old is None else old.meta["batch_size"]
-    val_from = 0 if old is None else old.meta["val_windows"]
+    old_meta, old_arrays = old or ({}, {})
+    kept = np.asarray(old_arrays.get("train_index", np.empty(0, np.int64)))
+    size = old_meta.get("batch_size", req.batch_size)
+    val_from = old_meta.get("val_windows", 0)
     # validation windows come in whole batches from window 0, so each is always computed beside the same
     # others and its nats (the teacher's val bpb) do not depend on which runs came before
     n_val = max(req.val_windows, min(-(-req.val_windows // size) * size, (len(split.val) - 1) // c))
@@ -463,19 +469,16 @@ def _plan(path: Path, teacher, split: TokenSplit, req: TargetRequest, old: Targe
     for name, (shape, dtype) in _shapes(meta).items():
         with open(tmp / f"{name}.bin", "wb") as f:
             f.truncate(math.prod(shape) * dtype.itemsize)
-    new = {
-        name: np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="r+", shape=shape)
-        for name, (shape, dtype) in _shapes(meta).items()
-    }
+    new = _memmaps(tmp, meta, "r+")
     new["train_index"][:] = index
     if old is not None:
         kept_rows = np.searchsorted(index, kept)
         for first in range(0, len(kept), COPY_ROWS):
             part = slice(first, first + COPY_ROWS)
             for name in ("train_ids", "train_logprobs"):
-                new[name][kept_rows[part]] = old.arrays[name][part]
+                new[name][kept_rows[part]] = old_arrays[name][part]
         for name in ("val_ids", "val_logprobs", "val_nats"):
-            new[name][:val_from] = old.arrays[name]
+            new[name][:val_from] = old_arrays[name]
     for array in new.values():
         array.flush()
     return _Plan(str(tmp), meta, missing, np.searchsorted(index, missing), val_from)
@@ -538,13 +541,14 @@ def build_or_load(
     lacks some of the windows is extended: its rows are kept and only the missing ones computed."""
     path = Path(cache_dir).expanduser() / "soft_targets" / cache_key(teacher.identity(), split, req)
     crew = _Crew(ranks or Ranks(), req.lock_timeout)
-    intact: list[TargetCache] = []  # the published cache, when it is undamaged but lacks windows
+    intact: list[tuple[dict, dict]] = []  # the published cache's meta and files, undamaged but lacking
 
     def problem() -> str | None:
         intact.clear()
         reason = _problem(path, req, split)
         if reason is not None and path.exists():
-            intact.append(_open(path, req, split))
+            meta = read_meta(path, _META)
+            intact.append((meta, _memmaps(path, meta, "r")))
         return reason
 
     try:
